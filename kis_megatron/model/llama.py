@@ -1,0 +1,203 @@
+"""A Llama-style decoder in plain PyTorch, readable top to bottom.
+
+RMSNorm -> grouped-query attention with rotary embeddings (causal, through
+``scaled_dot_product_attention``) -> residual -> RMSNorm -> SwiGLU MLP -> residual, repeated;
+a final RMSNorm and the LM head, optionally tied to the token embedding.
+
+The fused pieces (norm, RoPE, SwiGLU, LM-head cross-entropy) go through ``ops`` so the Triton
+kernels replace them in one place. Parallelism is applied from outside (``kis_megatron.parallel``):
+layers live in a ``ModuleDict`` keyed by their global index so a pipeline stage can drop the
+ones it does not own, and every ``Linear`` is a plain ``nn.Linear`` a tensor-parallel pass can swap.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kis_megatron.config import ModelConfig
+from kis_megatron.model import ops
+
+
+def llama_ffn_dim(dim: int, multiple_of: int = 64) -> int:
+    """Llama's hidden size rule: 2/3 of 4*dim (SwiGLU has three matrices), rounded up."""
+    hidden = int(2 * 4 * dim / 3)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+@dataclass(frozen=True)
+class Dims:
+    """The sizes every layer needs, resolved once from the config."""
+
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    ffn_dim: int
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig) -> "Dims":
+        return cls(
+            vocab_size=cfg.vocab_size,
+            dim=cfg.dim,
+            n_layers=cfg.n_layers,
+            n_heads=cfg.n_heads,
+            n_kv_heads=cfg.n_kv_heads or cfg.n_heads,
+            head_dim=cfg.dim // cfg.n_heads,
+            ffn_dim=cfg.ffn_dim or llama_ffn_dim(cfg.dim),
+        )
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, fused: bool):
+        super().__init__()
+        self.eps, self.fused = eps, fused
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return ops.rms_norm(x, self.weight, self.eps, fused=self.fused)
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of shape (max_seq_len, head_dim // 2), in float32 ("rotate half" layout)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
+    return angles.cos().float(), angles.sin().float()
+
+
+class Attention(nn.Module):
+    def __init__(self, d: Dims, fused: bool):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = d.n_heads, d.n_kv_heads, d.head_dim
+        self.fused = fused
+        self.wq = nn.Linear(d.dim, d.n_heads * d.head_dim, bias=False)
+        self.wk = nn.Linear(d.dim, d.n_kv_heads * d.head_dim, bias=False)
+        self.wv = nn.Linear(d.dim, d.n_kv_heads * d.head_dim, bias=False)
+        self.wo = nn.Linear(d.n_heads * d.head_dim, d.dim, bias=False)
+
+    def forward(self, x, cos, sin):
+        B, T, _ = x.shape
+        # Head counts come from the weights so a tensor-parallel shard runs the same code.
+        q = self.wq(x).view(B, T, -1, self.head_dim)  # (B, T, nh, hd)
+        k = self.wk(x).view(B, T, -1, self.head_dim)  # (B, T, nkv, hd)
+        v = self.wv(x).view(B, T, -1, self.head_dim)  # (B, T, nkv, hd)
+        q = ops.rope(q, cos, sin, fused=self.fused)
+        k = ops.rope(k, cos, sin, fused=self.fused)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, hd)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.size(1) != k.size(1))
+        y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, nh * hd)
+        return self.wo(y)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, d: Dims, fused: bool):
+        super().__init__()
+        self.fused = fused
+        self.w_gate = nn.Linear(d.dim, d.ffn_dim, bias=False)
+        self.w_up = nn.Linear(d.dim, d.ffn_dim, bias=False)
+        self.w_down = nn.Linear(d.ffn_dim, d.dim, bias=False)
+
+    def forward(self, x):
+        return self.w_down(ops.swiglu(self.w_gate(x), self.w_up(x), fused=self.fused))
+
+
+class Block(nn.Module):
+    def __init__(self, d: Dims, eps: float, fused: bool):
+        super().__init__()
+        self.attn_norm = RMSNorm(d.dim, eps, fused)
+        self.attn = Attention(d, fused)
+        self.ffn_norm = RMSNorm(d.dim, eps, fused)
+        self.ffn = FeedForward(d, fused)
+
+    def forward(self, x, cos, sin):
+        x = x + self.attn(self.attn_norm(x), cos, sin)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    """``model(tokens)`` -> logits (B, T, V); ``model(tokens, targets)`` -> mean loss.
+
+    With targets the LM head and cross-entropy run fused (``ops.linear_cross_entropy``), so
+    the full (tokens x vocab) logits are never materialised on GPU.
+    """
+
+    def __init__(self, cfg: ModelConfig, generator: Optional[torch.Generator] = None):
+        super().__init__()
+        self.cfg = cfg
+        d = self.dims = Dims.from_config(cfg)
+        fused = cfg.kernels
+        self.tok_embeddings = nn.Embedding(d.vocab_size, d.dim)
+        self.layers = nn.ModuleDict({str(i): Block(d, cfg.norm_eps, fused) for i in range(d.n_layers)})
+        self.norm = RMSNorm(d.dim, cfg.norm_eps, fused)
+        self.output = nn.Linear(d.dim, d.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        cos, sin = rope_tables(d.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters(generator)
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: Optional[torch.Generator] = None) -> None:
+        """Normal(0, init_std) weights; the two residual-branch outputs per block scaled by
+        1/sqrt(2 * n_layers) (GPT-2) so the residual stream's variance does not grow with depth."""
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * self.dims.n_layers)
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith(("wo.weight", "w_down.weight")):
+                p.normal_(0.0, out_std, generator=generator)
+            else:
+                p.normal_(0.0, std, generator=generator)
+
+    def forward(self, tokens: torch.Tensor, targets: Optional[torch.Tensor] = None):
+        B, T = tokens.shape
+        if T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {T} exceeds model.max_seq_len={self.cfg.max_seq_len}")
+        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        h = self.tok_embeddings(tokens)  # (B, T, dim)
+        for layer in self.layers.values():
+            h = layer(h, cos, sin)
+        h = self.norm(h)
+        if targets is None:
+            return self.output(h).float()  # (B, T, V)
+        return ops.linear_cross_entropy(h.reshape(B * T, -1), self.output.weight, targets.reshape(-1),
+                                        fused=self.cfg.kernels)
+
+    # ----------------------------------------------------------------- accounting
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Unique parameters (a tied head counts once). ``non_embedding`` drops the token
+        embedding (and an untied head), the convention of Kaplan et al. for scaling laws."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.tok_embeddings.weight.numel()
+            if not self.cfg.tie_embeddings:
+                n -= self.output.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6 per weight-multiply parameter (forward 2, backward 4),
+        plus causal-free attention scores 6 * 2 * n_layers * dim * seq_len (PaLM, appendix B).
+        The LM head counts; the embedding lookup does not."""
+        d = self.dims
+        matmul_params = self.num_params() - self.tok_embeddings.weight.numel()
+        if self.cfg.tie_embeddings:
+            matmul_params += self.output.weight.numel()
+        matmul_params -= sum(p.numel() for n, p in self.named_parameters() if n.endswith("norm.weight"))
+        return 6.0 * matmul_params + 12.0 * d.n_layers * d.dim * seq_len
+
+
+def build_model(cfg: ModelConfig, seed: int, device: str | torch.device = "cpu") -> Transformer:
+    """The model initialised from ``seed`` alone, so every layout (and a resumed or
+    tensor-parallel run) starts from the same weights."""
+    model = Transformer(cfg, generator=torch.Generator().manual_seed(seed))
+    return model.to(device)

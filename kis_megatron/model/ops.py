@@ -1,0 +1,42 @@
+"""The model's fused operations, in one place.
+
+Each op takes ``fused``: True routes to the ``kernels`` package (Triton on CUDA; its PyTorch
+reference on CPU, or Triton through the interpreter when ``KIS_KERNELS=triton`` and
+``TRITON_INTERPRET=1``); False uses plain PyTorch (``model.kernels=false``), the baseline the
+kernels are measured against.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import kernels
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, fused: bool = True) -> torch.Tensor:
+    if fused:
+        return kernels.rms_norm(x, weight, eps)
+    return kernels.rms_norm_reference(x, weight, eps)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fused: bool = True) -> torch.Tensor:
+    """x: (B, T, heads, head_dim); cos, sin: (T, head_dim // 2), already offset to x's positions."""
+    if fused:
+        return kernels.rope(x, cos, sin)
+    return kernels.rope_reference(x, cos, sin)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor, fused: bool = True) -> torch.Tensor:
+    if fused:
+        return kernels.swiglu(gate, up)
+    return F.silu(gate) * up
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
+                         ignore_index: int = -100, fused: bool = True) -> torch.Tensor:
+    """Mean next-token loss of ``hidden @ weight.T`` against ``target`` (ignore_index skipped)."""
+    if fused:
+        return kernels.linear_cross_entropy(hidden, weight, target, ignore_index=ignore_index)
+    logits = (hidden @ weight.t()).float()
+    return F.cross_entropy(logits, target, ignore_index=ignore_index)

@@ -1,0 +1,264 @@
+"""Train a model: ``kis-train --config FILE.yaml [section.key=value ...]``.
+
+Single process on CPU::
+
+    kis-train --config examples/tiny_cpu.yaml train.steps=200
+
+On a GPU node, or across nodes (the same command under torchrun)::
+
+    torchrun --nproc-per-node 8 -m kis_megatron.train --config examples/gpu_ladder/125m.yaml
+
+The loop: the infusion blender hands each data-parallel rank its slice of the global batch
+(``kis_megatron.data.stream``), the model returns the mean loss of each micro-batch, gradients
+accumulate to the global batch, are clipped, and AdamW steps. Validation loss and retention
+probes run every ``eval.interval`` steps, checkpoints every ``checkpoint.interval`` steps;
+everything is logged to ``<log.dir>/metrics.jsonl`` and TensorBoard.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from kis_megatron.config import Config, ConfigError, load_config, save_config
+from kis_megatron.data.errors import DataError
+from kis_megatron.data.stream import TrainStream, build_train_stream, build_validation_windows
+from kis_megatron.model.llama import Transformer, build_model
+from kis_megatron.training.checkpoint import CheckpointError, CheckpointManager, set_rng_state
+from kis_megatron.training.logger import MetricsLogger
+from kis_megatron.training.optim import build_optimizer, build_scheduler
+from kis_megatron.utils import atomic_write_json
+
+USER_ERRORS = (ConfigError, DataError, CheckpointError)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device: cuda was asked for but no CUDA device is available")
+    return torch.device(name)
+
+
+def autocast_context(device: torch.device, dtype: str):
+    """bf16 autocast on CUDA by default; fp32 on CPU unless bf16 is asked for explicitly."""
+    use_bf16 = dtype == "bf16" or (dtype == "auto" and device.type == "cuda")
+    if use_bf16:
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class Trainer:
+    def __init__(self, cfg: Config, dp_rank: int = 0, dp_size: int = 1):
+        self.cfg = cfg
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.is_main = dp_rank == 0
+        self.run_dir = Path(cfg.log.dir)
+        t = cfg.train
+        if t.threads > 0:
+            torch.set_num_threads(t.threads)
+        self.device = resolve_device(t.device)
+        if t.global_batch % (t.micro_batch * dp_size):
+            raise ConfigError(f"train.global_batch={t.global_batch} must be a multiple of "
+                              f"micro_batch * dp = {t.micro_batch * dp_size}")
+        self.accum = t.global_batch // (t.micro_batch * dp_size)
+
+        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", keep=cfg.checkpoint.keep)
+        resume_from = self._resume_path()
+        if resume_from is None and (self.run_dir / "metrics.jsonl").exists():
+            raise ConfigError(f"log.dir={self.run_dir} already holds a run; continue it with "
+                              "checkpoint.resume=auto or choose a new log.dir")
+
+        self.stream: TrainStream = build_train_stream(cfg, dp_rank=dp_rank, dp_size=dp_size)
+        self.val_windows = build_validation_windows(cfg)
+        torch.manual_seed(t.seed)
+        self.model: Transformer = build_model(cfg.model, seed=t.seed, device=self.device)
+        self.optimizer = build_optimizer(self.model, t, self.device)
+        self.scheduler = build_scheduler(self.optimizer, t)
+        self.step = 0
+        if resume_from is not None:
+            self._load(resume_from)
+        self.probes = self._build_probes()
+
+    # ---------------------------------------------------------------- resume
+
+    def _resume_path(self) -> Optional[Path]:
+        mode = self.cfg.checkpoint.resume
+        if mode == "none":
+            return None
+        if mode == "auto":
+            return self.ckpt.latest()
+        path = Path(mode)
+        if not path.is_dir():
+            raise ConfigError(f"checkpoint.resume: {path} is not a checkpoint directory")
+        return path
+
+    def _load(self, path: Path) -> None:
+        extra = self.ckpt.load(path, self.model, self.optimizer)
+        self.scheduler.load_state_dict(extra["scheduler"])
+        self.stream.load_state_dict(extra["data"])
+        set_rng_state(extra["rng"])
+        self.step = extra["step"]
+        self.resumed_from = path
+
+    def _save(self) -> None:
+        extra = {"scheduler": self.scheduler.state_dict(), "data": self.stream.state_dict()}
+        self.ckpt.save(self.step, self.model, self.optimizer, extra)
+
+    # ---------------------------------------------------------------- evaluation
+
+    def _build_probes(self):
+        if not self.cfg.eval.probes:
+            return None
+        from kis_megatron.eval.probing import ProbeRunner
+
+        return ProbeRunner(self.cfg, self.device)
+
+    @torch.no_grad()
+    def validation_loss(self) -> Optional[float]:
+        if self.val_windows is None:
+            return None
+        self.model.eval()
+        losses = []
+        mb = self.cfg.train.micro_batch
+        for i in range(0, len(self.val_windows), mb):
+            tokens = self.val_windows[i:i + mb].to(self.device)
+            with autocast_context(self.device, self.cfg.train.dtype):
+                losses.append(self.model(tokens[:, :-1], tokens[:, 1:]).float().item())
+        self.model.train()
+        return sum(losses) / len(losses)
+
+    def evaluate(self) -> dict:
+        record = {"step": self.step}
+        val = self.validation_loss()
+        if val is not None:
+            record["val_loss"] = val
+        if self.probes is not None:
+            self.model.eval()
+            record.update(self.probes.run(self.model))
+            self.model.train()
+        return record
+
+    # ---------------------------------------------------------------- training
+
+    def train_step(self) -> tuple[float, float, dict]:
+        """One optimizer step over the global batch; returns (loss, grad_norm, data stats)."""
+        batch = self.stream.next_batch()
+        tokens = torch.from_numpy(batch.tokens).to(self.device, non_blocking=True)
+        mb = self.cfg.train.micro_batch
+        total = torch.zeros((), device=self.device)
+        for i in range(self.accum):
+            chunk = tokens[i * mb:(i + 1) * mb]
+            with autocast_context(self.device, self.cfg.train.dtype):
+                loss = self.model(chunk[:, :-1], chunk[:, 1:])
+            (loss / self.accum).backward()
+            total += loss.detach().float()
+        loss = _mean_over_ranks(total / self.accum)
+        clip = self.cfg.train.grad_clip or math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip).item()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return loss.item(), grad_norm, batch.stats
+
+    def write_run_info(self, status: str) -> None:
+        if not self.is_main:
+            return
+        inf = self.cfg.infusion
+        info = {
+            "run_id": self.run_dir.name,
+            "model_params": self.model.num_params(),
+            "model_params_non_embedding": self.model.num_params(non_embedding=True),
+            "flops_per_token": self.model.flops_per_token(self.cfg.data.seq_len),
+            "tokens_per_step": self.cfg.train.global_batch * self.cfg.data.seq_len,
+            "total_steps": self.cfg.train.steps,
+            "infusion": {"kind": inf.kind, "value": inf.value if inf.value is not None else inf.ratio,
+                         "ratio": inf.ratio, **self.stream.describe()},
+            "status": status,
+        }
+        atomic_write_json(self.run_dir / "run.json", info)
+
+    def fit(self) -> dict:
+        cfg = self.cfg
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+        self.write_run_info("running")
+        log = MetricsLogger(self.run_dir, cfg.log, cfg.train.steps, self.step, enabled=self.is_main)
+        if self.step:
+            log.message(f"resumed from {self.resumed_from} at step {self.step}")
+        for note in self.stream.notes():
+            log.message(note)
+        last_eval: dict = {}
+        tokens_per_step = cfg.train.global_batch * cfg.data.seq_len
+        try:
+            while self.step < cfg.train.steps:
+                t0 = time.perf_counter()
+                loss, grad_norm, stats = self.train_step()
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize()
+                tps = tokens_per_step / (time.perf_counter() - t0)
+                lr = self.scheduler.get_last_lr()[0]
+                for note in self.stream.notes():
+                    log.message(note)
+                if self.step % cfg.log.interval == 0 or self.step == cfg.train.steps:
+                    log.log({"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                             **stats, "tokens_per_s": tps})
+                log.progress(self.step, loss, tps, lr)
+                done = self.step == cfg.train.steps
+                if (cfg.eval.interval and self.step % cfg.eval.interval == 0) or done:
+                    last_eval = self.evaluate()
+                    log.log(last_eval)
+                if (cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0) or \
+                        (done and cfg.checkpoint.save_final):
+                    self._save()
+        finally:
+            log.close()
+        self.write_run_info("finished")
+        return last_eval
+
+
+def _mean_over_ranks(x: torch.Tensor) -> torch.Tensor:
+    """The loss reported is the global-batch mean: average the data-parallel ranks' means."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        x = x.clone()
+        dist.all_reduce(x, op=dist.ReduceOp.AVG)
+    return x
+
+
+def train(cfg: Config) -> dict:
+    """Run training as configured; returns the final evaluation record."""
+    return Trainer(cfg).fit()
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="kis-train", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML config file")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        train(cfg)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; resume with checkpoint.resume=auto", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""Checkpoints that survive a kill at any moment.
+
+Layout under ``<run>/checkpoints/``::
+
+    step_00000100/          model + optimizer through torch.distributed.checkpoint (DCP),
+        .metadata           so a different parallel layout can reshard them on load
+        __0_0.distcp
+        extra.pt            step, scheduler, data-stream position, RNG states (per rank)
+        COMPLETE            written last: a directory without it is never loaded
+    latest                  text file naming the newest complete checkpoint
+
+A save writes into ``.tmp-step_...``, renames it to ``step_...`` once everything (including
+COMPLETE) is on disk, and only then replaces ``latest`` (itself written to a temporary name
+and renamed). A kill before the rename leaves a ``.tmp-`` directory that is ignored and
+cleaned up; a kill after it leaves a complete checkpoint. Old checkpoints are deleted only
+after ``latest`` points past them.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
+
+from kis_megatron.utils import atomic_write_text
+
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names the path."""
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def rng_state() -> dict:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _dcp_quietly(fn, *args, **kwargs):
+    # DCP warns that it "assumes a single process" when no process group exists: that is
+    # exactly the single-process case, so the warning is noise there.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        return fn(*args, **kwargs)
+
+
+class CheckpointManager:
+    def __init__(self, directory: str | Path, keep: int = 2):
+        self.dir = Path(directory)
+        self.keep = keep
+
+    # ------------------------------------------------------------------ discovery
+
+    def complete_checkpoints(self) -> list[Path]:
+        """Complete checkpoint directories, oldest first."""
+        if not self.dir.is_dir():
+            return []
+        found = [p for p in self.dir.iterdir() if _STEP_DIR.match(p.name) and (p / "COMPLETE").is_file()]
+        return sorted(found, key=lambda p: p.name)
+
+    def latest(self) -> Optional[Path]:
+        """The checkpoint ``latest`` names if it is complete, else the newest complete one."""
+        pointer = self.dir / "latest"
+        if pointer.is_file():
+            path = self.dir / pointer.read_text().strip()
+            if (path / "COMPLETE").is_file():
+                return path
+        found = self.complete_checkpoints()
+        return found[-1] if found else None
+
+    # ------------------------------------------------------------------ save
+
+    def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+             extra: dict[str, Any]) -> Path:
+        """Save atomically; ``extra`` holds small picklable state (scheduler, data position)."""
+        name = f"step_{step:08d}"
+        final, tmp = self.dir / name, self.dir / f".tmp-{name}"
+        rank = _rank()
+        if rank == 0:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+        _barrier()
+        msd, osd = get_state_dict(model, optimizer)
+        _dcp_quietly(dcp.save, {"model": msd, "optim": osd}, checkpoint_id=str(tmp))
+        torch.save({**extra, "step": step, "rng": rng_state()}, tmp / f"extra_rank{rank}.pt.tmp")
+        os.replace(tmp / f"extra_rank{rank}.pt.tmp", tmp / f"extra_rank{rank}.pt")
+        _barrier()
+        if rank == 0:
+            _fsync_dir_files(tmp)
+            atomic_write_text(tmp / "COMPLETE", f"{step}\n")
+            if final.exists():  # re-saving a step (e.g. the final save after a periodic one)
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            atomic_write_text(self.dir / "latest", name + "\n")
+            self._prune()
+        _barrier()
+        return final
+
+    def _prune(self) -> None:
+        for stale in self.dir.glob(".tmp-step_*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        for old in self.complete_checkpoints()[: -self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    # ------------------------------------------------------------------ load
+
+    def load(self, path: str | Path, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> dict:
+        """Load model (and optimizer) state in place; return this rank's ``extra`` dict."""
+        path = Path(path)
+        if not (path / "COMPLETE").is_file():
+            raise CheckpointError(f"{path} is not a complete checkpoint (no COMPLETE marker)")
+        if optimizer is None:
+            state = {"model": get_model_state_dict(model)}
+            _dcp_quietly(dcp.load, state, checkpoint_id=str(path))
+            set_model_state_dict(model, state["model"])
+        else:
+            msd, osd = get_state_dict(model, optimizer)
+            state = {"model": msd, "optim": osd}
+            _dcp_quietly(dcp.load, state, checkpoint_id=str(path))
+            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        extra_file = path / f"extra_rank{_rank()}.pt"
+        if not extra_file.is_file():
+            extra_file = path / "extra_rank0.pt"  # a run resumed on a different layout
+        return torch.load(extra_file, weights_only=False)
+
+
+def _fsync_dir_files(directory: Path) -> None:
+    """Flush every file of a finished checkpoint before it is published by rename."""
+    for p in directory.iterdir():
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())

@@ -1,0 +1,112 @@
+"""Where a run reports: ``metrics.jsonl``, TensorBoard under ``tb/``, and the console
+(a tqdm bar with loss, tokens/s and ETA on a terminal; plain lines in CI logs)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+from kis_megatron.config import LogConfig
+from kis_megatron.utils import atomic_write_text
+
+
+def _jsonable(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return None if math.isnan(v) else ("inf" if v > 0 else "-inf")
+    return v
+
+
+class MetricsLogger:
+    """Only rank 0 writes; every other rank's logger is silent."""
+
+    def __init__(self, run_dir: Path, cfg: LogConfig, total_steps: int, start_step: int,
+                 enabled: bool = True):
+        self.run_dir, self.cfg, self.enabled = run_dir, cfg, enabled
+        self.total_steps, self.start_step = total_steps, start_step
+        self.metrics_path = run_dir / "metrics.jsonl"
+        self._file = self._tb = self._bar = None
+        self._t0 = time.time()
+        if not enabled:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self._truncate_after(start_step)
+        self._file = open(self.metrics_path, "a", buffering=1)
+        if cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step drops events a killed run wrote past the checkpoint we resume from
+            self._tb = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
+        mode = cfg.progress
+        if mode == "auto":
+            mode = "bar" if sys.stderr.isatty() else "lines"
+        self.mode = mode
+        if mode == "bar":
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+
+    def _truncate_after(self, step: int) -> None:
+        """A resumed run repeats the steps after its checkpoint: drop their old lines."""
+        if not self.metrics_path.exists():
+            return
+        kept = []
+        for line in self.metrics_path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a kill
+            if rec.get("step", 0) <= step:
+                kept.append(line)
+        atomic_write_text(self.metrics_path, "".join(k + "\n" for k in kept))
+
+    def log(self, record: dict, prefix_tb: str = "") -> None:
+        if not self.enabled:
+            return
+        record = {k: _jsonable(v) for k, v in record.items()}
+        self._file.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            step = record["step"]
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self._tb.add_scalar(prefix_tb + k, v, step)
+
+    def progress(self, step: int, loss: float, tokens_per_s: float, lr: float) -> None:
+        """Called after every optimizer step ``step`` (1-based count of completed steps)."""
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.update(step - self._bar.n)
+            self._bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", lr=f"{lr:.2e}")
+        elif self.mode == "lines" and (step % self.cfg.interval == 0 or step == self.total_steps):
+            done = step - self.start_step
+            elapsed = time.time() - self._t0
+            eta = elapsed / max(done, 1) * (self.total_steps - step)
+            print(f"step {step}/{self.total_steps} loss {loss:.4f} lr {lr:.2e} "
+                  f"tokens/s {tokens_per_s:,.0f} eta {_fmt_time(eta)}", flush=True)
+
+    def message(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.write(text)
+        elif self.mode != "none":
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._file is not None:
+            self._file.close()
+
+
+def _fmt_time(seconds: float) -> str:
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"

@@ -1,0 +1,124 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kis_megatron.config import ModelConfig, config_from_dict
+from kis_megatron.model.llama import Transformer, build_model, llama_ffn_dim
+
+
+def tiny(**kw) -> ModelConfig:
+    base = dict(vocab_size=97, dim=48, n_layers=2, n_heads=6, n_kv_heads=2, max_seq_len=32)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def reference_forward(model: Transformer, tokens: torch.Tensor) -> torch.Tensor:
+    """An independent float64 re-implementation of the forward pass from the raw weights:
+    explicit RMSNorm, complex-number RoPE, repeated KV heads and a masked softmax."""
+    sd = {k: v.double() for k, v in model.state_dict().items()}
+    d, eps = model.dims, model.cfg.norm_eps
+    B, T = tokens.shape
+
+    def norm(x, w):
+        return x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps) * w
+
+    half = d.head_dim // 2
+    inv = 1.0 / (model.cfg.rope_theta ** (torch.arange(0, d.head_dim, 2, dtype=torch.float64) / d.head_dim))
+    rot = torch.polar(torch.ones(T, half, dtype=torch.float64), torch.outer(torch.arange(T, dtype=torch.float64), inv))
+
+    def rope(x):  # (B, T, H, hd), "rotate half": pair element i with i + hd/2
+        z = torch.complex(x[..., :half], x[..., half:]) * rot[None, :, None, :]
+        return torch.cat([z.real, z.imag], -1)
+
+    h = sd["tok_embeddings.weight"][tokens]
+    mask = torch.full((T, T), float("-inf"), dtype=torch.float64).triu(1)
+    for i in range(d.n_layers):
+        p = f"layers.{i}."
+        x = norm(h, sd[p + "attn_norm.weight"])
+        q = rope((x @ sd[p + "attn.wq.weight"].T).view(B, T, d.n_heads, d.head_dim))
+        k = rope((x @ sd[p + "attn.wk.weight"].T).view(B, T, d.n_kv_heads, d.head_dim))
+        v = (x @ sd[p + "attn.wv.weight"].T).view(B, T, d.n_kv_heads, d.head_dim)
+        rep = d.n_heads // d.n_kv_heads
+        k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
+        att = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(d.head_dim) + mask
+        y = torch.einsum("bhqk,bkhd->bqhd", att.softmax(-1), v).reshape(B, T, -1)
+        h = h + y @ sd[p + "attn.wo.weight"].T
+        x = norm(h, sd[p + "ffn_norm.weight"])
+        g, u = x @ sd[p + "ffn.w_gate.weight"].T, x @ sd[p + "ffn.w_up.weight"].T
+        h = h + (F.silu(g) * u) @ sd[p + "ffn.w_down.weight"].T
+    h = norm(h, sd["norm.weight"])
+    w_out = sd["tok_embeddings.weight"] if model.cfg.tie_embeddings else sd["output.weight"]
+    return h @ w_out.T
+
+
+@pytest.mark.parametrize("tie", [False, True])
+@pytest.mark.parametrize("kv", [6, 2, 1])
+def test_forward_matches_float64_reference(tie, kv):
+    model = build_model(tiny(n_kv_heads=kv, tie_embeddings=tie), seed=3)
+    tokens = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(0))
+    ref = reference_forward(model, tokens)
+    logits = model(tokens)
+    torch.testing.assert_close(logits.double(), ref, rtol=1e-4, atol=1e-5)
+    targets = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(1))
+    loss = model(tokens, targets)
+    ref_loss = F.cross_entropy(ref.reshape(-1, 97), targets.reshape(-1))
+    assert abs(loss.item() - ref_loss.item()) < 1e-5
+
+
+def test_causal_future_tokens_do_not_change_the_past():
+    model = build_model(tiny(), seed=0)
+    a = torch.randint(0, 97, (1, 16))
+    b = a.clone()
+    b[0, 10:] = (b[0, 10:] + 5) % 97
+    torch.testing.assert_close(model(a)[:, :10], model(b)[:, :10])
+    assert not torch.allclose(model(a)[:, 10:], model(b)[:, 10:])
+
+
+def test_same_seed_same_weights_and_tied_head():
+    a, b = build_model(tiny(), seed=7), build_model(tiny(), seed=7)
+    for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.equal(p, q), n
+    c = build_model(tiny(), seed=8)
+    assert not torch.equal(a.layers["0"].attn.wq.weight, c.layers["0"].attn.wq.weight)
+    t = build_model(tiny(tie_embeddings=True), seed=0)
+    assert t.output.weight is t.tok_embeddings.weight
+
+
+def test_param_count_matches_closed_form():
+    cfg = tiny(n_kv_heads=2)
+    m = Transformer(cfg)
+    d, hd, f = 48, 8, llama_ffn_dim(48)
+    per_layer = d * 6 * hd + 2 * d * 2 * hd + 6 * hd * d + 3 * d * f + 2 * d
+    expected = 97 * d * 2 + 2 * per_layer + d
+    assert m.num_params() == expected
+    assert m.num_params(non_embedding=True) == expected - 2 * 97 * d
+    # 6 FLOPs per matmul weight per token (embedding lookup excluded) + attention
+    matmul = expected - 97 * d - (2 * 2 * d + d)
+    assert m.flops_per_token(32) == 6 * matmul + 12 * 2 * d * 32
+
+
+@pytest.mark.parametrize("name, low, high", [
+    ("tiny", 0.05e6, 0.2e6), ("125m", 110e6, 150e6), ("350m", 320e6, 400e6),
+    ("760m", 700e6, 850e6), ("1.3b", 1.2e9, 1.45e9), ("3b", 3.0e9, 3.6e9), ("7b", 6.5e9, 7.0e9),
+])
+def test_presets_have_their_nominal_size(name, low, high):
+    cfg = config_from_dict({"model": {"preset": name}}).model
+    with torch.device("meta"):
+        n = Transformer(cfg).num_params()
+    assert low <= n <= high, n
+
+
+def test_fused_and_plain_ops_agree():
+    cfg = tiny()
+    fused = build_model(cfg, seed=1)
+    plain = build_model(ModelConfig(**{**cfg.__dict__, "kernels": False}), seed=1)
+    x = torch.randint(0, 97, (2, 9))
+    y = torch.randint(0, 97, (2, 9))
+    lf, lp = fused(x, y), plain(x, y)
+    lf.backward()
+    lp.backward()
+    assert abs(lf.item() - lp.item()) < 1e-5
+    for (n, p), (_, q) in zip(fused.named_parameters(), plain.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=n)

@@ -1,0 +1,47 @@
+import pytest
+
+from kis_megatron.config import ConfigError, config_from_dict, load_config
+from kis_megatron.model.presets import PRESETS
+
+
+def test_defaults_preset_yaml_and_overrides_merge_in_order(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("model:\n  preset: tiny\n  dim: 32\ntrain:\n  steps: 7\n")
+    cfg = load_config(f, ["train.steps=9", "model.n_layers=3", "infusion.ratio=0.25", "log.dir=/x/y"])
+    assert cfg.model.dim == 32  # YAML beats the preset
+    assert cfg.model.n_layers == 3  # override beats the preset
+    assert cfg.model.vocab_size == PRESETS["tiny"]["vocab_size"]  # preset beats the default
+    assert cfg.train.steps == 9 and cfg.infusion.ratio == 0.25 and cfg.log.dir == "/x/y"
+    assert isinstance(cfg.train.lr, float)
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["train.stepz=3"], "train.stepz"),
+    (["bogus.key=1"], "bogus"),
+    (["train.steps=ten"], "train.steps"),
+    (["train.lr=[1]"], "train.lr"),
+    (["model.tie_embeddings=3"], "model.tie_embeddings"),
+    (["infusion.ratio=1.0"], "infusion.ratio"),
+    (["model.preset=huge"], "model.preset"),
+    (["train.global_batch=10", "train.micro_batch=4"], "train.global_batch"),
+    (["model.n_heads=4", "model.n_kv_heads=3", "model.dim=64"], "model.n_kv_heads"),
+    (["infusion.domains=[{name: a, pathh: b}]"], "infusion.domains[0].pathh"),
+])
+def test_bad_values_name_the_key(overrides, key):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides)
+    assert key in str(e.value)
+
+
+def test_missing_file_and_bad_override_are_clear(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config(None, ["steps"])
+
+
+def test_nested_lists_and_dicts_are_typed():
+    cfg = config_from_dict({"infusion": {"domains": [{"name": "bio", "path": "p", "ratio": 0.1}],
+                                         "ratio_steps": {0: 0.1, 10: 0.2}}})
+    assert cfg.infusion.domains[0].ratio == 0.1
+    assert cfg.infusion.ratio_steps == {0: 0.1, 10: 0.2}
