@@ -1,0 +1,337 @@
+"""Fused output projection + cross-entropy that never materialises the (N x V) logits.
+
+    loss = mean over tokens with target != ignore_index of
+           logsumexp(hidden[i] @ weight.T) - (hidden[i] @ weight.T)[target[i]]
+
+(0.0 with zero gradients when every target is ignored.) Tokens are processed in chunks:
+for each chunk the logits (C x V) are computed with one matmul, a Triton kernel reduces
+each row to its max, sum of exponentials and target logit (an online softmax over vocab
+blocks), a second kernel overwrites the chunk *in place* with the gradient of the summed
+loss (softmax - one_hot), and two more matmuls turn it into this chunk's rows of
+grad_hidden and its contribution to grad_weight (the Liger-Kernel scheme). Backward then
+only scales the stored gradients by grad_output / n_valid. Peak extra memory is one
+logits chunk, sized by default to about the size of ``hidden``.
+
+Vocabulary parallelism (``group``): ``weight`` is this rank's contiguous shard of the
+vocabulary (rank r owns rows [r * V_local, (r + 1) * V_local)) and targets are global
+ids. Per chunk, the row max is all-reduced (MAX), then the rescaled sums of exponentials
+and the target logits (zero on ranks that do not own the target) are all-reduced (SUM),
+so every rank sees the same log-sum-exp and the loss is identical on every rank.
+grad_weight is the gradient of this rank's shard; grad_hidden is only this rank's
+partial sum over its vocabulary shard: the caller must all-reduce it over ``group``, as
+Megatron pairs a column-parallel output layer with the backward all-reduce of its input
+(``copy_to_tensor_model_parallel_region``). Backward needs no communication.
+
+Layers: Triton kernels -> launchers ``linear_cross_entropy_forward`` /
+``linear_cross_entropy_backward`` -> :class:`LinearCrossEntropyFunction` ->
+:func:`linear_cross_entropy`. References: :func:`linear_cross_entropy_reference`
+(chunked, plain PyTorch, what CPU training runs; it stores one log-sum-exp per token and
+recomputes each logits chunk in backward) and :func:`linear_cross_entropy_naive`
+(full logits, ``F.cross_entropy``; for tests).
+"""
+
+from __future__ import annotations  # kernel annotations stay strings: triton loads lazily
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from kernels._triton import cdiv, lazy_jit, next_power_of_2
+from kernels.dispatch import use_triton
+
+tl = None  # triton.language, bound by lazy_jit at the first launch (see kernels/_triton.py)
+
+_MAX_BLOCK_V = 4096  # vocabulary columns per loop step of the row kernels
+
+
+@lazy_jit
+def _ce_stats_kernel(
+    LOGITS, stride_l, TARGET, ROW_MAX, ROW_SUMEXP, ROW_TARGET,
+    n_cols, vocab_start, ignore_index,
+    BLOCK_V: tl.constexpr,
+):
+    # Online softmax over the row: running max m and sum d of exp(x - m).
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = LOGITS + row * stride_l
+    m = float("-inf")
+    d = 0.0
+    for start in range(0, n_cols, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        x = tl.load(row_ptr + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+        m = m_new
+    target = tl.load(TARGET + row)
+    local = target - vocab_start
+    owned = (target != ignore_index) & (local >= 0) & (local < n_cols)
+    t = tl.load(row_ptr + local, mask=owned, other=0.0).to(tl.float32)
+    tl.store(ROW_MAX + row, m)
+    tl.store(ROW_SUMEXP + row, d)
+    tl.store(ROW_TARGET + row, t)
+
+
+@lazy_jit
+def _ce_grad_kernel(
+    LOGITS, stride_l, TARGET, LSE,
+    n_cols, vocab_start, ignore_index,
+    BLOCK_V: tl.constexpr,
+):
+    # In place: logits -> d(sum of losses)/d logits = softmax - one_hot(target), 0 if ignored.
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = LOGITS + row * stride_l
+    target = tl.load(TARGET + row)
+    lse = tl.load(LSE + row)
+    local = target - vocab_start
+    keep = (target != ignore_index).to(tl.float32)
+    for start in range(0, n_cols, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        mask = cols < n_cols
+        x = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        g = (tl.exp(x - lse) - (cols == local).to(tl.float32)) * keep
+        tl.store(row_ptr + cols, g.to(LOGITS.dtype.element_ty), mask=mask)
+
+
+def _shard(group):
+    """(rank, world size) of the vocabulary-parallel group; (0, 1) without one."""
+    if group is None:
+        return 0, 1
+    import torch.distributed as dist
+
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def _global_lse(row_max, row_sumexp, row_target, group):
+    """Combine per-shard softmax statistics into the log-sum-exp over the whole vocabulary.
+
+    Returns (lse, target logit) per row; without a group they are this shard's own.
+    """
+    if group is not None and _shard(group)[1] > 1:
+        import torch.distributed as dist
+
+        global_max = row_max.clone()
+        dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
+        both = torch.stack((row_sumexp * torch.exp(row_max - global_max), row_target))
+        dist.all_reduce(both, op=dist.ReduceOp.SUM, group=group)
+        row_max, (row_sumexp, row_target) = global_max, both
+    return row_max + torch.log(row_sumexp), row_target
+
+
+def _default_chunk(n_rows: int, hidden_size: int, vocab_local: int) -> int:
+    """Rows per chunk so the logits chunk holds about as many elements as ``hidden``."""
+    return max(1, min(n_rows, next_power_of_2(cdiv(n_rows, cdiv(vocab_local, hidden_size)))))
+
+
+def linear_cross_entropy_forward(
+    hidden, weight, target, ignore_index=-100, group=None, chunk_size=None,
+    need_grad_hidden=True, need_grad_weight=True,
+):
+    """Launch the chunked forward on 2-D ``hidden`` (N, H), ``weight`` (V_local, H),
+    1-D int64 ``target`` (N,).
+
+    Returns (loss, grad_hidden, grad_weight, n_valid): the mean loss (fp32), the
+    gradients of the *summed* loss (None when not requested; grad_weight is accumulated
+    over chunks in weight's dtype, as Liger does: cuBLAS adds each chunk in fp32 and
+    rounds once) and the number of non-ignored targets (a 0-dim tensor, no host sync).
+    """
+    n_rows, hidden_size = hidden.shape
+    vocab_local = weight.shape[0]
+    rank, _ = _shard(group)
+    vocab_start = rank * vocab_local
+    device = hidden.device
+    chunk = chunk_size or _default_chunk(n_rows, hidden_size, vocab_local)
+    block_v = min(next_power_of_2(vocab_local), _MAX_BLOCK_V)
+    num_warps = 8 if block_v >= 2048 else 4
+    need_grads = need_grad_hidden or need_grad_weight
+
+    grad_hidden = torch.empty_like(hidden) if need_grad_hidden else None
+    grad_weight = torch.zeros_like(weight) if need_grad_weight else None
+    loss_rows = torch.zeros(n_rows, dtype=torch.float32, device=device)
+    logits_buf = torch.empty((min(chunk, n_rows), vocab_local), dtype=hidden.dtype, device=device)
+    stats_buf = torch.empty((3, min(chunk, n_rows)), dtype=torch.float32, device=device)
+    for start in range(0, n_rows, chunk):
+        end = min(start + chunk, n_rows)
+        rows = end - start
+        h = hidden[start:end]
+        t = target[start:end]
+        logits = torch.mm(h, weight.t(), out=logits_buf[:rows])
+        row_max, row_sumexp, row_target = stats_buf[:, :rows]
+        _ce_stats_kernel[(rows,)](
+            logits, logits.stride(0), t, row_max, row_sumexp, row_target,
+            vocab_local, vocab_start, ignore_index, BLOCK_V=block_v, num_warps=num_warps,
+        )
+        lse, tgt = _global_lse(row_max, row_sumexp, row_target, group)
+        loss_rows[start:end] = torch.where(t != ignore_index, lse - tgt, 0.0)
+        if not need_grads:
+            continue
+        _ce_grad_kernel[(rows,)](
+            logits, logits.stride(0), t, lse,
+            vocab_local, vocab_start, ignore_index, BLOCK_V=block_v, num_warps=num_warps,
+        )
+        if grad_hidden is not None:
+            torch.mm(logits, weight, out=grad_hidden[start:end])
+        if grad_weight is not None:
+            grad_weight.addmm_(logits.t(), h)
+    n_valid = (target != ignore_index).sum()
+    loss = loss_rows.sum() / n_valid.clamp(min=1)
+    return loss, grad_hidden, grad_weight, n_valid
+
+
+def linear_cross_entropy_backward(grad_output, grad_hidden, grad_weight, n_valid):
+    """Scale the stored gradients of the summed loss by grad_output / n_valid."""
+    scale = grad_output / n_valid.clamp(min=1)
+    return (
+        grad_hidden * scale.to(grad_hidden.dtype) if grad_hidden is not None else None,
+        grad_weight * scale.to(grad_weight.dtype) if grad_weight is not None else None,
+    )
+
+
+class LinearCrossEntropyFunction(torch.autograd.Function):
+    """Autograd wrapper of the Triton path: gradients are computed in forward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, target, ignore_index, group, chunk_size, need_h, need_w):
+        loss, grad_hidden, grad_weight, n_valid = linear_cross_entropy_forward(
+            hidden, weight, target, ignore_index, group, chunk_size, need_h, need_w
+        )
+        ctx.save_for_backward(grad_hidden, grad_weight, n_valid)
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        grad_hidden, grad_weight, n_valid = ctx.saved_tensors
+        dh, dw = linear_cross_entropy_backward(grad_output, grad_hidden, grad_weight, n_valid)
+        return dh, dw, None, None, None, None, None, None
+
+
+class _ChunkedReferenceFunction(torch.autograd.Function):
+    """Plain-PyTorch chunked path: stores one log-sum-exp per token, recomputes logits
+    chunk by chunk in backward (one extra matmul, no gradient buffers held in between)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, target, ignore_index, group, chunk_size):
+        n_rows, hidden_size = hidden.shape
+        vocab_local = weight.shape[0]
+        vocab_start = _shard(group)[0] * vocab_local
+        compute = torch.promote_types(hidden.dtype, torch.float32)
+        chunk = chunk_size or _default_chunk(n_rows, hidden_size, vocab_local)
+        lse = torch.empty(n_rows, dtype=compute, device=hidden.device)
+        loss_rows = torch.zeros(n_rows, dtype=compute, device=hidden.device)
+        for start in range(0, n_rows, chunk):
+            end = min(start + chunk, n_rows)
+            t = target[start:end]
+            logits = (hidden[start:end] @ weight.t()).to(compute)
+            local = t - vocab_start
+            owned = (t != ignore_index) & (local >= 0) & (local < vocab_local)
+            picked = logits.gather(1, local.clamp(0, vocab_local - 1)[:, None]).squeeze(1)
+            row_max = logits.max(dim=1).values
+            row_sumexp = torch.exp(logits - row_max[:, None]).sum(dim=1)
+            row_target = torch.where(owned, picked, 0.0)
+            chunk_lse, tgt = _global_lse(row_max, row_sumexp, row_target, group)
+            lse[start:end] = chunk_lse
+            loss_rows[start:end] = torch.where(t != ignore_index, chunk_lse - tgt, 0.0)
+        n_valid = (target != ignore_index).sum()
+        ctx.save_for_backward(hidden, weight, target, lse, n_valid)
+        ctx.args = (ignore_index, vocab_start, chunk)
+        return loss_rows.sum() / n_valid.clamp(min=1)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        hidden, weight, target, lse, n_valid = ctx.saved_tensors
+        ignore_index, vocab_start, chunk = ctx.args
+        compute = lse.dtype
+        scale = (grad_output / n_valid.clamp(min=1)).to(compute)
+        w = weight.to(compute)
+        need_h, need_w = ctx.needs_input_grad[:2]
+        grad_hidden = torch.empty_like(hidden) if need_h else None
+        grad_weight = torch.zeros_like(w) if need_w else None
+        for start in range(0, hidden.shape[0], chunk):
+            end = min(start + chunk, hidden.shape[0])
+            t = target[start:end]
+            h = hidden[start:end].to(compute)
+            logits = (hidden[start:end] @ weight.t()).to(compute)
+            g = torch.exp(logits - lse[start:end, None])
+            local = t - vocab_start
+            owned = (t != ignore_index) & (local >= 0) & (local < weight.shape[0])
+            rows = owned.nonzero().squeeze(1)
+            g[rows, local[rows]] -= 1.0
+            g *= torch.where(t != ignore_index, scale, 0.0)[:, None]
+            if need_h:
+                grad_hidden[start:end] = (g @ w).to(hidden.dtype)
+            if need_w:
+                grad_weight += g.t() @ h
+        return (
+            grad_hidden,
+            grad_weight.to(weight.dtype) if need_w else None,
+            None, None, None, None,
+        )
+
+
+def _flatten_checked(hidden, weight, target, ignore_index, group):
+    """Validate the arguments; return hidden (N, H) and target (N,) int64."""
+    if hidden.dim() < 1 or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"linear_cross_entropy: weight has shape {tuple(weight.shape)}, expected "
+            f"(vocab, {hidden.shape[-1] if hidden.dim() else '?'}) for hidden {tuple(hidden.shape)}"
+        )
+    if hidden.dtype != weight.dtype:
+        raise ValueError(f"linear_cross_entropy: hidden is {hidden.dtype} but weight is {weight.dtype}")
+    if target.shape != hidden.shape[:-1]:
+        raise ValueError(
+            f"linear_cross_entropy: target has shape {tuple(target.shape)}, expected "
+            f"{tuple(hidden.shape[:-1])} (hidden's shape without its last dimension)"
+        )
+    if target.dtype.is_floating_point or target.dtype == torch.bool:
+        raise ValueError(f"linear_cross_entropy: target must hold integer token ids, got {target.dtype}")
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    target = target.reshape(-1).to(torch.int64).contiguous()
+    vocab = weight.shape[0] * _shard(group)[1]
+    bad = (target != ignore_index) & ((target < 0) | (target >= vocab))
+    if bool(bad.any()):
+        first = int(target[bad][0])
+        raise ValueError(
+            f"linear_cross_entropy: target id {first} is outside the vocabulary [0, {vocab}) "
+            f"and is not ignore_index={ignore_index}"
+        )
+    return hidden, target
+
+
+def linear_cross_entropy_reference(hidden, weight, target, ignore_index=-100, group=None, *, chunk_size=None):
+    """Chunked plain-PyTorch version of :func:`linear_cross_entropy` (same contract):
+    never holds more than one logits chunk, computes in float32 or wider."""
+    hidden2, target2 = _flatten_checked(hidden, weight, target, ignore_index, group)
+    return _ChunkedReferenceFunction.apply(hidden2, weight, target2, ignore_index, group, chunk_size)
+
+
+def linear_cross_entropy_naive(hidden, weight, target, ignore_index=-100):
+    """Full-logits reference (single process): ``F.cross_entropy`` on hidden @ weight.T,
+    summed and divided by max(n_valid, 1). Holds all N x V logits: for tests only."""
+    hidden2, target2 = _flatten_checked(hidden, weight, target, ignore_index, None)
+    compute = torch.promote_types(hidden.dtype, torch.float32)
+    logits = (hidden2 @ weight.t()).to(compute)
+    total = F.cross_entropy(logits, target2, ignore_index=ignore_index, reduction="sum")
+    return total / (target2 != ignore_index).sum().clamp(min=1)
+
+
+def linear_cross_entropy(hidden, weight, target, ignore_index=-100, group=None, *, chunk_size=None):
+    """Mean cross-entropy of ``hidden @ weight.T`` against ``target``, without the logits.
+
+    hidden: (N, H) (or (..., H)); weight: (V, H), no bias; target: (N,) (or (...)) int64
+    ids, where ``ignore_index`` marks tokens left out of the mean (all ignored: loss 0.0,
+    zero gradients). ``group``: vocabulary-parallel process group, see the module doc:
+    the loss is identical on every rank, grad_weight is this rank's shard's gradient, and
+    the gradient reaching ``hidden`` is this rank's partial, which the caller must
+    all-reduce over ``group``. ``chunk_size``: tokens per chunk (default: logits chunk
+    about the size of ``hidden``). Returns a 0-dim float32 (float64 for float64 inputs
+    on the reference path) tensor. Runs Triton or the chunked reference as
+    :mod:`kernels.dispatch` decides.
+    """
+    if use_triton(hidden, weight, target):
+        hidden2, target2 = _flatten_checked(hidden, weight, target, ignore_index, group)
+        grad_on = torch.is_grad_enabled()
+        return LinearCrossEntropyFunction.apply(
+            hidden2, weight, target2, ignore_index, group, chunk_size,
+            grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
+        )
+    return linear_cross_entropy_reference(hidden, weight, target, ignore_index, group, chunk_size=chunk_size)

@@ -1,0 +1,224 @@
+"""RMSNorm, optionally fused with the residual add that precedes it.
+
+    y = x / sqrt(mean(x^2) + eps) * weight        (fp32 accumulation, y in x.dtype)
+
+With ``residual``: s = x + residual is normalised and also returned, so a pre-norm block
+reads the residual stream once and writes both the new stream and its norm.
+
+Layers (Liger style): Triton kernels -> launchers ``rms_norm_forward`` /
+``rms_norm_backward`` -> :class:`RMSNormFunction` -> :func:`rms_norm`; plus the plain
+PyTorch reference :func:`rms_norm_reference`.
+
+Backward, with xhat = s * rstd and g = dy * weight (N = row length):
+    ds = rstd * (g - xhat * mean(g * xhat)) [+ grad of the returned sum]
+    dweight = sum over rows of dy * xhat
+The weight gradient is reduced in two stages: each program owns a block of rows and
+writes its partial sum to its own row of a buffer, then torch sums the buffer (no atomics,
+so the result is deterministic).
+"""
+
+from __future__ import annotations  # kernel annotations stay strings: triton loads lazily
+
+import torch
+
+from kernels._triton import cdiv, lazy_jit, next_power_of_2
+from kernels.dispatch import use_triton
+
+tl = None  # triton.language, bound by lazy_jit at the first launch (see kernels/_triton.py)
+
+_MAX_BLOCK = 65536  # one row per program: the whole row must fit one block
+
+
+@lazy_jit
+def _rms_norm_forward_kernel(
+    X, stride_x, R, stride_r, S, stride_s, W, Y, stride_y, RSTD,
+    n_cols, eps,
+    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(R + row * stride_r + cols, mask=mask, other=0.0)
+        # Round the sum to the stream dtype first: the norm must see the stored stream.
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(S.dtype.element_ty)
+        tl.store(S + row * stride_s + cols, x, mask=mask)
+    xf = x.to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(xf * xf, axis=0) / n_cols + eps)
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Y + row * stride_y + cols, (xf * rstd * w).to(Y.dtype.element_ty), mask=mask)
+    tl.store(RSTD + row, rstd)
+
+
+@lazy_jit
+def _rms_norm_backward_kernel(
+    DY, stride_dy, S, stride_s, W, RSTD, DX, stride_dx, DSUM, stride_dsum, DW_PARTIAL,
+    n_rows, n_cols, rows_per_program,
+    HAS_DSUM: tl.constexpr, BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    dw = tl.zeros((BLOCK,), dtype=tl.float32)
+    row_start = pid * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, n_rows)
+    # Pointers advance row by row (64-bit offsets from the start, no int32 overflow).
+    first = row_start.to(tl.int64)
+    dy_ptr = DY + first * stride_dy
+    s_ptr = S + first * stride_s
+    dx_ptr = DX + first * stride_dx
+    dsum_ptr = DSUM + first * stride_dsum
+    rstd_ptr = RSTD + first
+    for _ in range(row_start, row_end):
+        dy = tl.load(dy_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        s = tl.load(s_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(rstd_ptr)
+        xhat = s * rstd
+        g = dy * w
+        ds = rstd * (g - xhat * (tl.sum(g * xhat, axis=0) / n_cols))
+        if HAS_DSUM:
+            ds += tl.load(dsum_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(dx_ptr + cols, ds.to(DX.dtype.element_ty), mask=mask)
+        dw += dy * xhat
+        dy_ptr += stride_dy
+        s_ptr += stride_s
+        dx_ptr += stride_dx
+        dsum_ptr += stride_dsum
+        rstd_ptr += 1
+    tl.store(DW_PARTIAL + pid.to(tl.int64) * n_cols + cols, dw, mask=mask)
+
+
+def _rows(t: torch.Tensor, n_cols: int) -> torch.Tensor:
+    """(..., N) -> (M, N) with unit column stride (a view when possible)."""
+    t2 = t.reshape(-1, n_cols)
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def _block(n_cols: int) -> int:
+    block = next_power_of_2(n_cols)
+    if block > _MAX_BLOCK:
+        raise ValueError(f"rms_norm: rows of {n_cols} elements exceed the kernel's limit of {_MAX_BLOCK}")
+    return block
+
+
+def _num_warps(block: int) -> int:
+    return 4 if block <= 2048 else 8 if block <= 8192 else 16
+
+
+def _num_programs(n_rows: int, device: torch.device) -> int:
+    """Programs of the backward: about two per SM on CUDA, a few under the interpreter."""
+    if device.type == "cuda":
+        target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        target = 8
+    return max(1, min(n_rows, target))
+
+
+def rms_norm_forward(x, weight, eps, residual=None):
+    """Launch the forward kernel. Returns (y, s, rstd): s is the normalised input
+    (x + residual, or x itself), rstd the per-row fp32 1/rms saved for backward."""
+    n_cols = x.shape[-1]
+    x2 = _rows(x, n_cols)
+    n_rows = x2.shape[0]
+    y = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
+    rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+    if residual is not None:
+        r2 = _rows(residual, n_cols)
+        s2 = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
+    else:
+        r2, s2 = x2, x2
+    if n_rows > 0:
+        block = _block(n_cols)
+        _rms_norm_forward_kernel[(n_rows,)](
+            x2, x2.stride(0), r2, r2.stride(0), s2, s2.stride(0), weight, y, y.stride(0), rstd,
+            n_cols, eps,
+            HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=_num_warps(block),
+        )
+    s = s2.view(x.shape) if residual is not None else x
+    return y.view(x.shape), s, rstd
+
+
+def rms_norm_backward(dy, s, weight, rstd, dsum=None):
+    """Launch the backward kernel. Returns (ds, dweight): ds is the gradient of the
+    normalised input (plus ``dsum``, the gradient of the returned sum, when given)."""
+    n_cols = s.shape[-1]
+    s2 = _rows(s, n_cols)
+    dy2 = _rows(dy, n_cols)
+    n_rows = s2.shape[0]
+    dx = torch.empty((n_rows, n_cols), dtype=s.dtype, device=s.device)
+    n_prog = _num_programs(n_rows, s.device)
+    dw_partial = torch.zeros((n_prog, n_cols), dtype=torch.float32, device=s.device)
+    dsum2 = _rows(dsum, n_cols) if dsum is not None else dy2
+    if n_rows > 0:
+        block = _block(n_cols)
+        _rms_norm_backward_kernel[(n_prog,)](
+            dy2, dy2.stride(0), s2, s2.stride(0), weight, rstd, dx, dx.stride(0),
+            dsum2, dsum2.stride(0), dw_partial,
+            n_rows, n_cols, cdiv(n_rows, n_prog),
+            HAS_DSUM=dsum is not None, BLOCK=block, num_warps=_num_warps(block),
+        )
+    dweight = dw_partial.sum(0).to(weight.dtype)
+    return dx.view(s.shape), dweight
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """Autograd wrapper of the Triton RMSNorm (with optional fused residual add)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, residual, eps):
+        y, s, rstd = rms_norm_forward(x, weight, eps, residual)
+        ctx.save_for_backward(s, weight, rstd)
+        ctx.has_residual = residual is not None
+        ctx.set_materialize_grads(False)  # an unused output costs no zero tensor
+        return (y, s) if residual is not None else y
+
+    @staticmethod
+    def backward(ctx, dy, dsum=None):
+        s, weight, rstd = ctx.saved_tensors
+        if dy is None:  # only the sum was used: the norm contributes nothing
+            dy = torch.zeros_like(s)
+        ds, dweight = rms_norm_backward(dy, s, weight, rstd, dsum)
+        dresidual = ds if ctx.has_residual else None
+        return ds, dweight, dresidual, None
+
+
+def _check(x, weight, residual):
+    if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
+        raise ValueError(
+            f"rms_norm: weight has shape {tuple(weight.shape)}, expected ({x.shape[-1]},) "
+            f"to match the last dimension of x {tuple(x.shape)}"
+        )
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
+        raise ValueError(
+            f"rms_norm: residual ({tuple(residual.shape)}, {residual.dtype}) must match "
+            f"x ({tuple(x.shape)}, {x.dtype})"
+        )
+
+
+def rms_norm_reference(x, weight, eps=1e-6, residual=None):
+    """Plain PyTorch RMSNorm with the same contract as :func:`rms_norm`.
+
+    Computes in float32 (float64 stays float64) and returns x's dtype.
+    """
+    _check(x, weight, residual)
+    s = x + residual if residual is not None else x
+    compute = torch.promote_types(s.dtype, torch.float32)
+    sf = s.to(compute)
+    y = sf * torch.rsqrt(sf.pow(2).mean(-1, keepdim=True) + eps) * weight.to(compute)
+    y = y.to(x.dtype)
+    return (y, s) if residual is not None else y
+
+
+def rms_norm(x, weight, eps=1e-6, residual=None):
+    """RMSNorm over the last dimension of ``x`` (any leading shape), scaled by ``weight``.
+
+    Returns y, or ``(y, x + residual)`` when ``residual`` is given: the residual add is
+    fused so the caller gets the new residual stream and its norm in one pass.
+    Runs Triton or the PyTorch reference as :mod:`kernels.dispatch` decides.
+    """
+    _check(x, weight, residual)
+    if use_triton(x, weight, residual):
+        return RMSNormFunction.apply(x, weight, residual, eps)
+    return rms_norm_reference(x, weight, eps, residual)
