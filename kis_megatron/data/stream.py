@@ -1,0 +1,140 @@
+"""From the config's ``data`` and ``infusion`` sections to the trainer's batches.
+
+Opens the general and domain shards, checks them against the model's vocabulary and the
+tokenizer, builds the infusion blender (ratio 0 and no domain = plain pretraining) and wraps
+it for one data-parallel rank. Validation windows come from ``data.valid``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from kis_megatron.config import Config, ConfigError, InfusionConfig
+from kis_megatron.data.errors import DataError
+from kis_megatron.data.indexed_dataset import IndexedDataset, check_vocab, load_doc_labels, read_meta
+from kis_megatron.data.infusion import Batch, InfusionBlender
+from kis_megatron.data.infusion_source import TokenWindowSource
+from kis_megatron.data.schedule import Schedule
+
+
+def open_shard(prefix: str, key: str, vocab_size: int, tokenizer: Optional[str]) -> IndexedDataset:
+    """The shard at ``prefix``, refused with a clear error when its token ids do not fit
+    the model or it was made with another tokenizer than ``data.tokenizer``."""
+    if not prefix:
+        raise ConfigError(f"{key}: a shard prefix is required")
+    ds = IndexedDataset(prefix)
+    if len(ds) == 0:
+        raise DataError(f"{key}: shard {prefix} holds no documents")
+    check_vocab(ds, vocab_size)
+    meta = read_meta(prefix)
+    if tokenizer:
+        from kis_megatron.data.tokenizer import Tokenizer
+
+        tok = Tokenizer(tokenizer)
+        if tok.vocab_size > vocab_size:
+            raise DataError(f"data.tokenizer {tokenizer} has {tok.vocab_size} tokens but "
+                            f"model.vocab_size is {vocab_size}; raise model.vocab_size")
+    if tokenizer and meta and meta.get("tokenizer_sha256"):
+        if tok.sha256 != meta["tokenizer_sha256"]:
+            raise DataError(f"{key}: shard {prefix} was tokenized with {meta.get('tokenizer_model')} "
+                            f"(sha256 {meta['tokenizer_sha256'][:12]}...), not with data.tokenizer="
+                            f"{tokenizer}; re-run tools/preprocess_data.py with that tokenizer")
+    return ds
+
+
+def _schedule(inf: InfusionConfig, ratio: float):
+    if inf.schedule == "constant":
+        return ratio
+    if inf.schedule == "window":
+        return Schedule.window(ratio, inf.window_start, inf.window_end)
+    return Schedule.piecewise(inf.ratio_steps)
+
+
+class TrainStream:
+    """The blender seen from one data-parallel rank, with log-friendly statistics."""
+
+    def __init__(self, blender: InfusionBlender, dp_rank: int, dp_size: int, describe: dict):
+        self.blender, self.dp_rank, self.dp_size = blender, dp_rank, dp_size
+        self._describe = describe
+        self._notes: list[str] = []
+
+    def next_batch(self) -> "StreamBatch":
+        b: Batch = self.blender.next_batch(self.dp_rank, self.dp_size)
+        for name, epoch in b.new_epochs:
+            self._notes.append(f"data: source '{name}' is exhausted and repeats (epoch {epoch})")
+        stats = b.metrics()
+        domains = self.blender.source_names[1:]
+        if len(domains) == 1 and b.exposures:  # one domain: the plain keys DESIGN.md names
+            e = b.exposures[domains[0]]
+            stats.update({"exposures/mean": e.mean, "exposures/min": e.min, "exposures/max": e.max})
+        return StreamBatch(b.tokens, stats)
+
+    def notes(self) -> list[str]:
+        """Messages for the log since the last call (e.g. a domain source that repeats)."""
+        out, self._notes = self._notes, []
+        return out
+
+    def describe(self) -> dict:
+        return dict(self._describe)
+
+    def state_dict(self) -> dict:
+        return self.blender.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.blender.load_state_dict(state)
+
+
+class StreamBatch:
+    def __init__(self, tokens: np.ndarray, stats: dict):
+        self.tokens, self.stats = tokens, stats
+
+
+def build_train_stream(cfg: Config, dp_rank: int = 0, dp_size: int = 1) -> TrainStream:
+    d, inf, t = cfg.data, cfg.infusion, cfg.train
+    vocab = cfg.model.vocab_size
+    general = TokenWindowSource(open_shard(d.train, "data.train", vocab, d.tokenizer), d.seq_len,
+                                t.seed, "general")
+    specs = [(s.name, s.path, s.ratio) for s in inf.domains]
+    if inf.domain:
+        specs.insert(0, ("domain", inf.domain, inf.ratio))
+    elif inf.ratio > 0 and not specs:
+        raise ConfigError("infusion.ratio > 0 needs a domain shard: set infusion.domain")
+    if inf.domains and inf.schedule != "constant":
+        raise ConfigError("infusion.schedule window/steps applies to infusion.domain; "
+                          "infusion.domains takes constant ratios")
+    domains, ratios, describe = [], [], {"domains": []}
+    for name, path, ratio in specs:
+        key = "infusion.domain" if name == "domain" and path == inf.domain else f"infusion.domains.{name}"
+        ds = open_shard(path, key, vocab, d.tokenizer)
+        labels = load_doc_labels(path)
+        src = TokenWindowSource(ds, d.seq_len, t.seed, name, doc_labels=labels)
+        domains.append(src)
+        ratios.append(_schedule(inf, ratio) if path == inf.domain else ratio)
+        describe["domains"].append({"name": name, "path": str(path), "ratio": ratio,
+                                    "documents": len(ds), "tokens": int(ds.num_tokens),
+                                    "facts": int(src.num_facts)})
+    if len(domains) == 1:
+        describe["domain_facts"] = describe["domains"][0]["facts"]
+        describe["domain_documents"] = describe["domains"][0]["documents"]
+    blender = InfusionBlender(general, domains, ratios, d.seq_len, t.global_batch, t.seed,
+                              t.steps, repeat=inf.repeat)
+    return TrainStream(blender, dp_rank, dp_size, describe)
+
+
+def build_validation_windows(cfg: Config) -> Optional[torch.Tensor]:
+    """The first ``eval.val_batches * train.micro_batch`` windows of ``data.valid`` in a
+    fixed shuffle (seed 0), so every run and every evaluation scores the same tokens."""
+    if not cfg.data.valid:
+        return None
+    ds = open_shard(cfg.data.valid, "data.valid", cfg.model.vocab_size, cfg.data.tokenizer)
+    src = TokenWindowSource(ds, cfg.data.seq_len, 0, "valid")
+    n = min(cfg.eval.val_batches * cfg.train.micro_batch, src.num_windows_per_epoch)
+    return torch.from_numpy(src.windows(0, 0, n).astype(np.int64))
+
+
+def shard_exists(prefix: str) -> bool:
+    return Path(prefix + ".bin").is_file() and Path(prefix + ".idx").is_file()
