@@ -181,6 +181,7 @@ class IndexedDatasetWriter:
         self.dtype = _token_dtype(dtype).type
         self._le = np.dtype(self.dtype).newbyteorder("<")
         self._itemsize = np.dtype(self.dtype).itemsize
+        self._info = np.iinfo(self.dtype)
         directory = os.path.dirname(os.path.abspath(self.prefix))
         if not os.path.isdir(directory):
             raise DataError(f"output directory does not exist: {directory}")
@@ -219,29 +220,52 @@ class IndexedDatasetWriter:
         if self._done:
             raise DataError(f"writer for {self.prefix} is already finalized or aborted")
 
+    def _check_tokens(self, arr: np.ndarray) -> None:
+        if arr.size and arr.dtype.kind not in "iu":
+            raise DataError(f"token ids must be integers, got dtype {arr.dtype}")
+        if arr.size:
+            lo, hi = int(arr.min()), int(arr.max())
+            if lo < self._info.min or hi > self._info.max:
+                bad = lo if lo < self._info.min else hi
+                raise DataError(
+                    f"token id {bad} does not fit dtype {np.dtype(self.dtype).name} "
+                    f"[{self._info.min}, {self._info.max}]; pick the dtype with best_dtype(vocab_size)"
+                )
+            self._max_token = max(self._max_token, hi)
+
     def add_document(self, tokens) -> None:
         """Append one document (a 1-D sequence of integer token ids) as one sequence."""
         self._check_open()
         arr = np.asarray(tokens)
         if arr.ndim != 1:
             raise DataError(f"a document must be a 1-D sequence of token ids, got shape {arr.shape}")
-        if arr.size and arr.dtype.kind not in "iu":
-            raise DataError(f"token ids must be integers, got dtype {arr.dtype}")
         if arr.size >= 2**31:
             raise DataError(f"a document of {arr.size} tokens exceeds the int32 length field")
-        if arr.size:
-            lo, hi = int(arr.min()), int(arr.max())
-            info = np.iinfo(self.dtype)
-            if lo < info.min or hi > info.max:
-                bad = lo if lo < info.min else hi
-                raise DataError(
-                    f"token id {bad} does not fit dtype {np.dtype(self.dtype).name} "
-                    f"[{info.min}, {info.max}]; pick the dtype with best_dtype(vocab_size)"
-                )
-            self._max_token = max(self._max_token, hi)
+        self._check_tokens(arr)
         self._bin.write(arr.astype(self._le, copy=False).tobytes())
         self._sizes.append(arr.size)
         self._doc_idx.append(len(self._sizes))
+
+    def add_documents(self, tokens, lengths) -> None:
+        """Append many documents at once: ``tokens`` is their concatenation, ``lengths``
+        their sizes. Same files as add_document per document, with one check and one
+        write per call (the preprocessing hot path)."""
+        self._check_open()
+        arr, lengths = np.asarray(tokens), np.asarray(lengths)
+        if arr.ndim != 1 or lengths.ndim != 1:
+            raise DataError("add_documents expects 1-D tokens and 1-D lengths")
+        if lengths.size and (lengths.dtype.kind not in "iu" or int(lengths.min()) < 0
+                             or int(lengths.max()) >= 2**31):
+            raise DataError("document lengths must be integers in [0, 2**31)")
+        if int(lengths.sum(dtype=np.int64)) != arr.size:
+            raise DataError(
+                f"document lengths sum to {int(lengths.sum(dtype=np.int64))} but {arr.size} tokens were given"
+            )
+        self._check_tokens(arr)
+        self._bin.write(arr.astype(self._le, copy=False).tobytes())
+        first = len(self._sizes)
+        self._sizes.frombytes(lengths.astype(np.int32).tobytes())
+        self._doc_idx.frombytes(np.arange(first + 1, first + 1 + lengths.size, dtype=np.int64).tobytes())
 
     def merge(self, other_prefix) -> None:
         """Append every document of a finished dataset (same dtype), in order.

@@ -79,6 +79,20 @@ def test_ours_written_read_by_megatron_and_bytes_equal(tmp_path, dtype):
     assert _read(ours + ".idx") == _read(theirs + ".idx")
 
 
+def test_add_documents_batch_equals_one_by_one(tmp_path):
+    docs = _docs(8, n=23)
+    one, batch = str(tmp_path / "one"), str(tmp_path / "batch")
+    _build_ours(one, docs, np.uint16)
+    with IndexedDatasetWriter(batch, np.uint16) as w:
+        w.add_documents(np.concatenate(docs[:10]), [len(d) for d in docs[:10]])
+        w.add_documents(np.concatenate(docs[10:]), np.array([len(d) for d in docs[10:]]))
+        with pytest.raises(DataError, match="lengths sum to 5 but 4 tokens"):
+            w.add_documents([1, 2, 3, 4], [2, 3])
+    assert w.num_documents == len(docs)
+    for ext in (".bin", ".idx"):
+        assert _read(one + ext) == _read(batch + ext)
+
+
 def test_megatron_multi_sequence_documents_and_pointers(tmp_path):
     # Megatron may split a document into several sequences (e.g. sentences); we read that.
     prefix = str(tmp_path / "multi")
