@@ -95,6 +95,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
     threads: int = 0  # torch intra-op threads on CPU; 0 = leave torch's default
+    stop_after: int = 0  # end this job after that step (checkpointed), e.g. under a time limit
 
 
 @dataclass
@@ -287,6 +288,7 @@ def validate(cfg: Config) -> None:
     _check(t.device in ("auto", "cpu", "cuda"), "train.device", "must be auto, cpu or cuda")
     _check(t.dtype in ("auto", "fp32", "bf16"), "train.dtype", "must be auto, fp32 or bf16")
     _check(t.grad_clip >= 0, "train.grad_clip", "must be >= 0")
+    _check(0 <= t.stop_after, "train.stop_after", "must be >= 0 (0 = run to train.steps)")
     _check(0 <= cfg.infusion.ratio < 1, "infusion.ratio", f"{cfg.infusion.ratio} is outside [0, 1)")
     _check(cfg.infusion.schedule in ("constant", "window", "steps"), "infusion.schedule",
            f"{cfg.infusion.schedule!r} is not one of constant, window, steps")

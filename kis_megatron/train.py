@@ -215,15 +215,20 @@ class Trainer:
                              **stats, "tokens_per_s": tps})
                 log.progress(self.step, loss, tps, lr)
                 done = self.step == cfg.train.steps
+                stopping = self.step == cfg.train.stop_after
                 if (cfg.eval.interval and self.step % cfg.eval.interval == 0) or done:
                     last_eval = self.evaluate()
                     log.log(last_eval)
                 if (cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0) or \
-                        (done and cfg.checkpoint.save_final):
+                        ((done or stopping) and cfg.checkpoint.save_final):
                     self._save()
+                if stopping and not done:
+                    log.message(f"stopping after step {self.step} (train.stop_after); "
+                                "continue with checkpoint.resume=auto")
+                    break
         finally:
             log.close()
-        self.write_run_info("finished")
+        self.write_run_info("finished" if self.step == cfg.train.steps else "stopped")
         return last_eval
 
 

@@ -1,0 +1,56 @@
+"""Test helpers: a tiny synthetic-world corpus, tokenized into shards with the project's own
+tools (as a user would), and the overrides of a seconds-long training run on it."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_tool(name: str, *args: str) -> subprocess.CompletedProcess:
+    """Run ``tools/<name>.py`` in a subprocess; fail the test with its stderr on error."""
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / f"{name}.py"), *args],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise AssertionError(f"tools/{name}.py failed ({proc.returncode}):\n{proc.stderr}")
+    return proc
+
+
+def build_world_corpus(d: Path) -> dict:
+    """A general world (40 people) and a domain world (24 compounds), a 400-piece tokenizer,
+    and shards: general, domain (with fact labels) and valid (a world of other people)."""
+    run_tool("make_knowledge", "--out", str(d / "world"), "--general-entities", "40",
+             "--domain-entities", "24", "--seed", "0", "--max-probe-facts", "40")
+    run_tool("make_knowledge", "--out", str(d / "vworld"), "--general-entities", "12",
+             "--domain-entities", "0", "--seed", "1")
+    tok = d / "tok" / "tok"
+    run_tool("train_tokenizer", "--input", str(d / "world/general/train.jsonl"),
+             str(d / "world/domain/train.jsonl"), "--format", "jsonl", "--model-prefix", str(tok),
+             "--vocab-size", "400")
+    shards = {}
+    for name, src, key in (("general", "world/general", ["--doc-key", "fact_id"]),
+                           ("domain", "world/domain", ["--doc-key", "fact_id"]),
+                           ("valid", "vworld/general", [])):
+        prefix = d / "shards" / name
+        run_tool("preprocess_data", "--input", str(d / src / "train.jsonl"), "--output-prefix",
+                 str(prefix), "--tokenizer-model", f"{tok}.model", "--no-progress", *key)
+        shards[name] = str(prefix)
+    return {"dir": d, "tokenizer": f"{tok}.model", "shards": shards,
+            "probes": {"general": str(d / "world/general/probes.jsonl"),
+                       "domain": str(d / "world/domain/probes.jsonl")}}
+
+
+def tiny_overrides(corpus: dict, run_dir: Path, **extra) -> list[str]:
+    """Dotted overrides for a seconds-long CPU training run on ``world_corpus``."""
+    base = {
+        "model.preset": "tiny", "model.vocab_size": 400, "model.dim": 32, "model.n_layers": 2,
+        "model.n_heads": 4, "model.n_kv_heads": 2, "model.max_seq_len": 64,
+        "data.train": corpus["shards"]["general"], "data.valid": corpus["shards"]["valid"],
+        "data.tokenizer": corpus["tokenizer"], "data.seq_len": 32,
+        "train.steps": 6, "train.global_batch": 8, "train.micro_batch": 4, "train.lr": 0.005,
+        "train.warmup_steps": 2, "train.threads": 1, "eval.val_batches": 2,
+        "log.dir": str(run_dir), "log.interval": 1, "log.progress": "none", "log.tensorboard": False,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
