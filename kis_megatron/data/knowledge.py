@@ -69,11 +69,17 @@ class Triplet:
 
 @dataclass
 class RelationTemplates:
-    """Templates of one relation; see the module docstring for what each list is for."""
+    """Templates of one relation; see the module docstring for what each list is for.
+    ``questions=None`` derives recall prompts from the statements (:func:`derive_questions`),
+    as a templates file without a ``questions`` key does; ``[]`` means none."""
 
     statements: list[str]
-    questions: list[str] = field(default_factory=list)
+    questions: list[str] | None = None
     heldout_questions: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.questions is None:
+            self.questions = derive_questions(self.statements)
 
 
 @dataclass
@@ -240,10 +246,8 @@ def _parse_templates_doc(text: str, source: str):
         if not lists.get("statements"):
             raise KnowledgeError(f"{where}: relation {rel!r} has no statement templates; "
                                  "add at least one under 'statements'")
-        questions = lists.get("questions")
-        if questions is None:
-            questions = derive_questions(lists["statements"])
-        rt = RelationTemplates(lists["statements"], questions, lists.get("heldout_questions", []))
+        rt = RelationTemplates(lists["statements"], lists.get("questions"),
+                               lists.get("heldout_questions", []))
         _heldout_leaks(rel, rt, where)
         out[rel] = rt
     return name, out
@@ -366,6 +370,14 @@ def make_knowledge_set(name: str, triplets: list[Triplet],
     """Check that the triplets and templates fit together and bundle them."""
     if not triplets:
         raise KnowledgeError(f"{source}: the knowledge set {name!r} has no triplets")
+    for rel, rt in templates.items():  # templates built in code, not read from a file
+        where = f"<templates of {name!r}>: relation {rel!r}"
+        if not rt.statements:
+            raise KnowledgeError(f"{where} has no statement templates")
+        for kind in TEMPLATE_KINDS:
+            for tmpl in getattr(rt, kind):
+                check_template(tmpl, kind, where)
+        _heldout_leaks(rel, rt, where)
     for t in triplets:
         if t.relation not in templates:
             line = f":{first_line[t.relation]}" if first_line and t.relation in first_line else ""
