@@ -52,11 +52,11 @@ from pathlib import Path
 
 import yaml
 
-from kis_megatron.data.knowledge import (KnowledgeError, KnowledgeSet, atomic_write_text,
-                                         jsonl_text, load_knowledge_set, render_documents,
-                                         save_knowledge_set)
+from kis_megatron.data.knowledge import (KnowledgeError, KnowledgeSet, jsonl_text,
+                                         load_knowledge_set, render_documents, save_knowledge_set)
 from kis_megatron.data.worlds import configs_from_dict, default_configs, generate_worlds
 from kis_megatron.eval.retention import build_probes, save_probes
+from kis_megatron.utils import atomic_write_text
 
 _TOP_KEYS = ("seed", "renders_per_fact", "probe_k", "probe_seed", "max_probe_facts",
              "general", "domain")

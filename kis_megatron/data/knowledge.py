@@ -32,14 +32,14 @@ Every problem a user can cause raises :class:`KnowledgeError` naming the file an
 from __future__ import annotations
 
 import json
-import os
 import random
 import string
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+from kis_megatron.utils import atomic_write_text
 
 SLOTS = ("subject", "object")
 TEMPLATE_KINDS = ("statements", "questions", "heldout_questions")
@@ -432,30 +432,6 @@ def render_documents(ks: KnowledgeSet, renders_per_fact: int | None = None,
 
 
 # ----------------------------------------------------------------------------- writing
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write to a temporary name in the same directory, then rename into place, so a reader
-    never sees a half-written file under the final name."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual file mode
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def jsonl_text(rows) -> str:

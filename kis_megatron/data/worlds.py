@@ -110,7 +110,7 @@ DOMAIN_RELATIONS = {r.name: r for r in (
 )}
 
 RELATIONS = {"general": GENERAL_RELATIONS, "domain": DOMAIN_RELATIONS}
-# Entity names are two words: (first-part suffixes, capitalised), (second-part suffixes, capitalised).
+# Entity names: two words from two pools, each given as (suffixes, capitalise).
 _NAME_STYLE = {
     "general": ((("a", "o", "el", "en"), True), (("son", "ley", "ner", "dor"), True)),
     "domain": ((("ine", "ol", "ase", "ide", "ium"), True), (("ex", "um", "ata", "oid"), False)),

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
-from kis_megatron.data.knowledge import (KnowledgeError, KnowledgeSet, atomic_write_text, fill,
-                                         jsonl_text)
+from kis_megatron.data.knowledge import KnowledgeError, KnowledgeSet, fill, jsonl_text
+from kis_megatron.utils import atomic_write_text
 
 if TYPE_CHECKING:
     import torch

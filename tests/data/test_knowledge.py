@@ -3,13 +3,12 @@
 import json
 import os
 import re
-import stat
 from collections import Counter
 
 import pytest
 
 from kis_megatron.data.knowledge import (KnowledgeError, RelationTemplates, Triplet,
-                                         atomic_write_text, derive_questions, fill,
+                                         derive_questions, fill,
                                          load_knowledge_set, load_templates, load_triplets,
                                          make_knowledge_set, parse_templates, render_documents,
                                          save_knowledge_set, templates_to_yaml)
@@ -211,12 +210,8 @@ def test_render_rejects_bad_count(bad):
         render_documents(_small_set(), renders_per_fact=bad)
 
 
-def test_atomic_write_leaves_no_temp_and_usual_mode(tmp_path):
-    target = tmp_path / "sub" / "f.txt"
-    atomic_write_text(target, "one\n")
-    atomic_write_text(target, "two\n")
-    assert target.read_text() == "two\n"
-    assert os.listdir(target.parent) == ["f.txt"]
-    mask = os.umask(0)
-    os.umask(mask)
-    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~mask
+def test_save_leaves_only_final_files(tmp_path):
+    ks = _small_set()
+    save_knowledge_set(ks, tmp_path / "w")
+    save_knowledge_set(ks, tmp_path / "w")  # overwriting goes through temp names too
+    assert sorted(os.listdir(tmp_path / "w")) == ["templates.yaml", "triplets.jsonl"]
