@@ -1,0 +1,112 @@
+"""The whole law analysis of one table, as a value: select curves, locate collapse points,
+fit the law, check it on the largest model, predict.  report.py and plots.py render it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from kis_megatron.law.collapse import CollapsePoint, detect_collapse
+from kis_megatron.law.fit import LawFit, fit_law, leave_largest_out
+from kis_megatron.law.table import Curve, LawInputError, select_curves
+
+
+@dataclass
+class Options:
+    """Choices of the analysis; defaults are the documented ones."""
+
+    metric: str = "retention/domain"
+    infusion_kind: str | None = None
+    fraction: float = 0.5
+    chance: float | None = None
+    min_drop: float = 0.1
+    n_boot: int = 1000
+    seed: int = 0
+    confidence: float = 0.95
+
+    def validate(self) -> None:
+        if not 0.0 < self.fraction < 1.0:
+            raise LawInputError(f"--fraction must be in (0, 1), got {self.fraction}")
+        if not self.min_drop > 0:
+            raise LawInputError(f"--min-drop must be > 0, got {self.min_drop}")
+        if self.n_boot < 10:
+            raise LawInputError(f"--bootstrap must be at least 10, got {self.n_boot}")
+        if not 0.5 <= self.confidence < 1.0:
+            raise LawInputError(f"--confidence must be in [0.5, 1), got {self.confidence}")
+        if self.chance is not None and not np.isfinite(self.chance):
+            raise LawInputError("--chance must be a finite number")
+
+
+@dataclass
+class Analysis:
+    options: Options
+    infusion_kind: str
+    curves: list[Curve]
+    points: list[CollapsePoint]
+    law: LawFit
+    heldout: dict
+    prediction: dict | None = None
+    sources: list[str] = field(default_factory=list)
+
+
+def parse_target(text: str) -> tuple[float, float | None]:
+    """'N' or 'N,D' (e.g. '1e9,2e10') -> (N, D or None), both > 0."""
+    parts = text.split(",")
+    try:
+        vals = [float(p) for p in parts]
+    except ValueError:
+        raise LawInputError(f"--predict takes N or N,D as numbers (e.g. 1e9,2e10), got {text!r}") from None
+    if len(vals) not in (1, 2) or not all(np.isfinite(v) and v > 0 for v in vals):
+        raise LawInputError(f"--predict takes N or N,D, each > 0, got {text!r}")
+    return vals[0], (vals[1] if len(vals) == 2 else None)
+
+
+def predict(law: LawFit, n: float, d: float | None) -> dict:
+    """Predicted collapse infusion of a target model with its bootstrap interval.  Keeping
+    the infusion below the interval's lower end avoids the collapse with the stated
+    confidence (under the fitted law)."""
+    value, lo, hi = (float(v[0]) for v in law.predict(n, d))
+    sizes = [p.model_params for p in law.points]
+    notes = []
+    if n > max(sizes) or n < min(sizes):
+        notes.append(f"extrapolates in N by {n / (max(sizes) if n > max(sizes) else min(sizes)):.3g}x")
+    if d is not None and not law.use_tokens:
+        budgets = sorted({p.tokens for p in law.points})
+        notes.append(f"the law has no D term (collapse points at D={budgets[0]:.4g} only); D is not used")
+    return {
+        "model_params": n,
+        "tokens": d,
+        "collapse_infusion": value,
+        "interval": [lo, hi],
+        "confidence": law.confidence,
+        "safe_infusion": lo,
+        "note": "; ".join(notes),
+    }
+
+
+def analyze(rows: list[dict], options: Options, target: str | None = None) -> Analysis:
+    """Run the analysis on table rows.  Raises LawInputError with one clear message for any
+    input problem (see table.select_curves and fit.fit_law)."""
+    options.validate()
+    target_nd = parse_target(target) if target else None
+    curves, kind = select_curves(rows, options.metric, options.infusion_kind)
+    points = []
+    for i, curve in enumerate(curves):
+        rng = np.random.default_rng([options.seed, i])  # one stream per curve: independent
+        points.append(
+            detect_collapse(
+                curve,
+                fraction=options.fraction,
+                chance=options.chance,
+                min_drop=options.min_drop,
+                n_boot=options.n_boot,
+                confidence=options.confidence,
+                rng=rng,
+            )
+        )
+    law = fit_law(points, options.confidence)
+    result = Analysis(options, kind, curves, points, law, leave_largest_out(law))
+    if target_nd:
+        result.prediction = predict(law, *target_nd)
+    return result

@@ -1,0 +1,120 @@
+"""PNG plots of a law analysis: the retention curves with their fitted steps and collapse
+points, and the law in log-log with its band, the held-out check and the prediction.
+Uses matplotlib's Agg canvas directly, so no global backend is set for the caller."""
+
+from __future__ import annotations
+
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from kis_megatron.law.analysis import Analysis
+from kis_megatron.law.collapse import AT_START, COLLAPSE, NO_COLLAPSE
+
+
+def _colors(values):
+    vals = sorted(set(values))
+    cmap = colormaps["viridis"]
+    return {v: cmap(0.85 * i / max(len(vals) - 1, 1)) for i, v in enumerate(vals)}
+
+
+def _save(fig: Figure, path: str) -> None:
+    FigureCanvasAgg(fig)
+    fig.savefig(path, dpi=120)
+
+
+def plot_curves(a: Analysis, path: str) -> None:
+    """One panel per token budget: measured retention vs infusion for each size (points),
+    the fitted step (line, over the fitted range), collapse points with their CI as a
+    horizontal bar at the threshold, bounds as arrows."""
+    budgets = sorted({c.tokens for c in a.curves})
+    ncol = min(3, len(budgets))
+    nrow = -(-len(budgets) // ncol)
+    fig = Figure(figsize=(5.2 * ncol, 4.0 * nrow), layout="constrained")
+    axes = fig.subplots(nrow, ncol, squeeze=False).ravel()
+    color = _colors(c.model_params for c in a.curves)
+    for ax, d in zip(axes, budgets):
+        for c, p in zip(a.curves, a.points):
+            if c.tokens != d:
+                continue
+            col = color[c.model_params]
+            ax.plot(c.infusion, c.value, "o", color=col, ms=4, alpha=0.7,
+                    label=f"N={c.model_params:.3g}")
+            if p.fit is not None:
+                grid = np.geomspace(*p.fit_range, 200)
+                ax.plot(grid, p.fit(grid), "-", color=col, lw=1.5)
+            y_mark = p.threshold if p.threshold is not None else float(np.median(c.value))
+            if p.status == COLLAPSE:
+                lo, hi = p.ci
+                x = p.collapse_infusion
+                ax.errorbar([x], [y_mark], xerr=[[x - lo], [hi - x]], fmt="D", color=col,
+                            mec="k", ms=7, capsize=3)
+            elif p.status == NO_COLLAPSE:
+                ax.plot([p.lower_bound], [y_mark], ">", color=col, mec="k", ms=9)
+            elif p.status == AT_START:
+                ax.plot([p.upper_bound], [y_mark], "<", color=col, mec="k", ms=9)
+        if a.options.chance is not None:
+            ax.axhline(a.options.chance, color="gray", ls=":", lw=1, label="chance")
+        ax.set_xscale("log")
+        ax.set_xlabel(f"infusion ({a.infusion_kind})")
+        ax.set_ylabel(a.options.metric)
+        ax.set_title(f"D = {d:.3g} tokens")
+        ax.legend(fontsize=7)
+    for ax in axes[len(budgets):]:
+        ax.set_visible(False)
+    fig.suptitle("Retention curves: fitted steps, collapse points (diamonds, CI bars), "
+                 "bounds (arrows)", fontsize=9)
+    _save(fig, path)
+
+
+def plot_law(a: Analysis, path: str) -> None:
+    """Collapse point vs model size in log-log: located points with CI bars, bounds as
+    arrows, the fitted law with its bootstrap band (one line per budget when the law has a
+    D term), the held-out prediction for the largest size, and the prediction."""
+    law = a.law
+    fig = Figure(figsize=(6.4, 4.8), layout="constrained")
+    ax = fig.subplots()
+    sizes = [p.model_params for p in a.points]
+    n_hi = max(sizes + ([a.prediction["model_params"]] if a.prediction else []))
+    grid = np.geomspace(min(sizes) / 1.5, n_hi * 1.5, 100)
+    budgets = sorted({p.tokens for p in law.points}) if law.use_tokens else [None]
+    if law.use_tokens and a.prediction and a.prediction["tokens"] not in budgets:
+        budgets.append(a.prediction["tokens"])
+    color = _colors(budgets) if law.use_tokens else {None: "C0"}
+    for d in budgets:
+        pred, lo, hi = law.predict(grid, d)
+        label = law.form() if d is None else f"law at D={d:.3g}"
+        ax.plot(grid, pred, "-", color=color[d], label=label)
+        ax.fill_between(grid, lo, hi, color=color[d], alpha=0.2, lw=0)
+    labelled = False
+    for p in a.points:
+        col = color[p.tokens] if law.use_tokens and p.tokens in color else "k"
+        if p.status == COLLAPSE:
+            x, y = p.model_params, p.collapse_infusion
+            ax.errorbar([x], [y], yerr=[[y - p.ci[0]], [p.ci[1] - y]], fmt="o", color=col,
+                        capsize=3, label=None if labelled else "collapse points")
+            labelled = True
+        elif p.status == NO_COLLAPSE:
+            ax.plot([p.model_params], [p.lower_bound], "^", color=col, mfc="none", ms=9)
+        elif p.status == AT_START:
+            ax.plot([p.model_params], [p.upper_bound], "v", color=col, mfc="none", ms=9)
+    if a.heldout.get("possible"):
+        for i, h in enumerate(a.heldout["points"]):
+            x = h["model_params"] * 1.06  # nudged right so it does not hide the data point
+            y, (lo, hi) = h["predicted"], h["predicted_interval"]
+            ax.errorbar([x], [y], yerr=[[y - lo], [hi - y]], fmt="s", color="C3", mfc="none",
+                        capsize=3, label="held-out prediction" if i == 0 else None)
+    if a.prediction:
+        pr = a.prediction
+        y, (lo, hi) = pr["collapse_infusion"], pr["interval"]
+        ax.errorbar([pr["model_params"]], [y], yerr=[[y - lo], [hi - y]], fmt="*", ms=12,
+                    color="C1", capsize=3, label="prediction")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("model parameters N")
+    ax.set_ylabel(f"collapse infusion ({a.infusion_kind})")
+    ax.set_title(f"b = {law.exponent:.3g}  [{law.coef_ci(1)[0]:.3g}, {law.coef_ci(1)[1]:.3g}]",
+                 fontsize=10)
+    ax.legend(fontsize=7)
+    _save(fig, path)

@@ -1,0 +1,221 @@
+"""Read run directories into the tidy measurement table (see table.py).
+
+A run directory holds ``run.json`` (model_params, tokens_per_step, total_steps,
+infusion {kind, value}, status), ``metrics.jsonl`` (training and evaluation lines),
+``tb/`` (TensorBoard events with the same scalar tags) and ``config.yaml``.  Only these
+logs are read, never the trainer, so runs of other frameworks that write the same files
+work too.  TensorBoard events are the fallback when metrics.jsonl is missing.
+
+Each evaluation gives one row per metric.  ``tokens`` is the planned token count at the
+evaluation step, tokens_per_step * step (at the final evaluation: the run's budget); the
+cumulative ``tokens_total`` is used only when run.json lacks tokens_per_step, because it
+excludes padding and so differs slightly between runs of one budget.
+"""
+
+from __future__ import annotations
+
+import glob as globlib
+import json
+import math
+import os
+
+import yaml
+
+from kis_megatron.law.table import LawInputError
+
+# Keys of metrics lines that are bookkeeping or training quantities, not evaluation metrics.
+_NOT_METRICS = {"step", "loss", "lr", "grad_norm", "tokens_total", "tokens_domain", "tokens_per_s"}
+_NOT_METRIC_PREFIXES = ("exposures/", "probes/", "time/", "perf/", "mem/")
+
+
+def _is_metric(key: str, value) -> bool:
+    return (
+        key not in _NOT_METRICS
+        and not key.startswith(_NOT_METRIC_PREFIXES)
+        and isinstance(value, (int, float))
+        and not isinstance(value, bool)
+    )
+
+
+def _is_eval(record: dict) -> bool:
+    return any(k == "val_loss" or k.startswith(("retention", "exact_match")) for k in record)
+
+
+def _is_run_dir(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "run.json"))
+
+
+def find_run_dirs(args: list[str], use_glob: bool = False) -> list[str]:
+    """Run directories named by ``args``.  With ``use_glob`` each argument is a glob pattern
+    (``**`` allowed).  An argument (or match) that is not itself a run directory (no
+    run.json) is searched recursively for run directories below it."""
+    found = []
+    for arg in args:
+        matches = sorted(globlib.glob(arg, recursive=True)) if use_glob else [arg]
+        if use_glob and not matches:
+            raise LawInputError(f"pattern {arg!r} matches nothing")
+        for m in matches:
+            if not os.path.isdir(m):
+                if use_glob:
+                    continue
+                raise LawInputError(f"{m} is not a directory; pass run directories")
+            if _is_run_dir(m):
+                found.append(m)
+                continue
+            below = sorted(root for root, _, files in os.walk(m) if "run.json" in files)
+            if not below and not use_glob:
+                raise LawInputError(f"{m} holds no run directory (no run.json in it or below)")
+            found.extend(below)
+    runs = sorted(set(os.path.normpath(p) for p in found))
+    if not runs:
+        raise LawInputError(f"no run directories (with run.json) found in {' '.join(args)}")
+    return runs
+
+
+def _read_jsonl(path: str) -> list[dict]:
+    with open(path) as f:
+        text = f.read()
+    lines = text.split("\n")
+    records = []
+    for i, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines):  # a last line cut off by a killed writer: ignore it
+                continue
+            raise LawInputError(f"{path} line {i} is not valid JSON; fix or remove it") from None
+        if not isinstance(rec, dict) or "step" not in rec:
+            raise LawInputError(f"{path} line {i} is not a JSON object with a 'step'")
+        records.append(rec)
+    return records
+
+
+def _read_tensorboard(tb_dir: str) -> list[dict]:
+    """One record per step, merging every scalar tag of every event file under tb_dir;
+    for a step logged twice (a resumed run) the later wall time wins."""
+    from tensorboard.backend.event_processing.event_accumulator import (
+        SCALARS,
+        EventAccumulator,
+    )
+
+    events: dict[int, dict[str, tuple[float, float]]] = {}
+    for root, _, files in sorted(os.walk(tb_dir)):
+        if not any(f.startswith("events.out.tfevents") for f in files):
+            continue
+        acc = EventAccumulator(root, size_guidance={SCALARS: 0})  # 0: keep every event
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            for e in acc.Scalars(tag):
+                slot = events.setdefault(int(e.step), {})
+                if tag not in slot or e.wall_time >= slot[tag][0]:
+                    slot[tag] = (e.wall_time, float(e.value))
+    return [{"step": s, **{t: v for t, (_, v) in tags.items()}} for s, tags in sorted(events.items())]
+
+
+def read_records(run_dir: str) -> tuple[dict[int, dict], dict[int, dict], str]:
+    """Training and evaluation records of a run keyed by step (a step logged twice, as
+    after a resume, keeps its last record), and the source they came from."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if os.path.isfile(path):
+        records, source = _read_jsonl(path), "metrics.jsonl"
+    elif os.path.isdir(os.path.join(run_dir, "tb")):
+        records, source = _read_tensorboard(os.path.join(run_dir, "tb")), "tensorboard"
+    else:
+        raise LawInputError(f"{run_dir} has neither metrics.jsonl nor tb/ events")
+    train, evals = {}, {}
+    for rec in records:
+        step = int(rec["step"])
+        if _is_eval(rec):
+            evals[step] = rec
+        if "loss" in rec or "tokens_total" in rec:
+            train[step] = rec
+    return train, evals, source
+
+
+def _load_run_json(run_dir: str) -> dict:
+    path = os.path.join(run_dir, "run.json")
+    try:
+        with open(path) as f:
+            info = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise LawInputError(f"cannot read {path}: {e}") from None
+    inf = info.get("infusion")
+    if "model_params" not in info or not isinstance(inf, dict) or "value" not in inf:
+        raise LawInputError(f"{path} needs 'model_params' and 'infusion': {{'kind', 'value'}}")
+    return info
+
+
+def _seed(run_dir: str):
+    path = os.path.join(run_dir, "config.yaml")
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            cfg = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise LawInputError(f"{path} is not valid YAML: {e}") from None
+    train = cfg.get("train") if isinstance(cfg, dict) else None
+    return train.get("seed") if isinstance(train, dict) else None
+
+
+def read_run(run_dir: str, all_evals: bool = False) -> tuple[list[dict], str | None]:
+    """Table rows of one run: its final evaluation (default; finished runs only) or every
+    evaluation.  Returns (rows, note) where note says why a run gave no rows."""
+    info = _load_run_json(run_dir)
+    if not all_evals and info.get("status") != "finished":
+        return [], f"{run_dir}: skipped, status is {info.get('status')!r}, not 'finished'"
+    train, evals, source = read_records(run_dir)
+    if not evals:
+        return [], f"{run_dir}: skipped, no evaluation lines in {source}"
+    steps = sorted(evals) if all_evals else [max(evals)]
+    inf = info["infusion"]
+    seed = _seed(run_dir)
+    train_steps = sorted(train)
+    rows = []
+    for step in steps:
+        before = [s for s in train_steps if s <= step]
+        last_train = train[before[-1]] if before else {}
+        if info.get("tokens_per_step"):
+            tokens = float(info["tokens_per_step"]) * step
+        elif "tokens_total" in last_train:
+            tokens = float(last_train["tokens_total"])
+        else:
+            raise LawInputError(
+                f"{run_dir}: cannot tell the token budget: run.json has no tokens_per_step "
+                "and no training line has tokens_total"
+            )
+        exposures = last_train.get("exposures/mean")
+        for key, value in sorted(evals[step].items()):
+            if not _is_metric(key, value):
+                continue
+            rows.append({
+                "model_params": info["model_params"],
+                "tokens": tokens,
+                "infusion": float(inf["value"]),
+                "metric": key,
+                "value": float(value) if value is not None else math.nan,
+                "run_id": info.get("run_id") or os.path.basename(os.path.normpath(run_dir)),
+                "step": step,
+                "exposures": exposures,
+                "infusion_kind": inf.get("kind") or "unspecified",
+                "seed": seed,
+            })
+    return rows, None
+
+
+def extract_runs(run_dirs: list[str], all_evals: bool = False) -> tuple[list[dict], list[str]]:
+    """Rows of all runs, and notes on the runs that gave none.  Raises LawInputError when no
+    run gives any row."""
+    rows, notes = [], []
+    for d in run_dirs:
+        r, note = read_run(d, all_evals)
+        rows.extend(r)
+        if note:
+            notes.append(note)
+    if not rows:
+        raise LawInputError(
+            "no measurements: " + ("; ".join(notes) if notes else "the runs hold no evaluations")
+        )
+    return rows, notes

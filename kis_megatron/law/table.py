@@ -1,0 +1,241 @@
+"""The tidy measurement table that the law tools read and write.
+
+One row per measurement: a metric (e.g. ``retention/domain``) of one run of one model size
+(``model_params``) and token budget (``tokens``) at one infusion amount (``infusion``).
+The five columns ``model_params, tokens, infusion, metric, value`` are all that fitting
+needs, so tables written by other frameworks work too; ``run_id``, ``step``, ``exposures``
+(mean exposures per domain fact), ``infusion_kind`` (which knob the study varied) and
+``seed`` are provenance.
+
+``tokens`` is the run's token budget, not the tokens seen so far in a noisy count: runs of
+one budget must carry the same value, because collapse curves are grouped by
+(model_params, tokens).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+
+import numpy as np
+
+REQUIRED_COLUMNS = ("model_params", "tokens", "infusion", "metric", "value")
+COLUMNS = REQUIRED_COLUMNS + ("run_id", "step", "exposures", "infusion_kind", "seed")
+_NUMERIC = {"model_params", "tokens", "infusion", "value", "step", "exposures", "seed"}
+
+
+class LawInputError(ValueError):
+    """Input a user can fix (bad table, bad run directory, bad option); the CLIs print it
+    as ``error: ...`` and exit 2."""
+
+
+@dataclass
+class Curve:
+    """All measurements of one metric for one (model size, token budget): the retention
+    curve whose collapse point is detected.  Repeated infusion values are seeds."""
+
+    model_params: float
+    tokens: float
+    infusion: np.ndarray  # (n,) > 0
+    value: np.ndarray  # (n,)
+
+    @property
+    def label(self) -> str:
+        return f"N={self.model_params:.4g}, D={self.tokens:.4g}"
+
+
+def _cell(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, (float, np.floating)):
+        v = float(v)  # numpy scalars would print as np.float64(...)
+        if math.isnan(v):
+            return "nan"
+        return repr(int(v)) if v.is_integer() and abs(v) < 2**53 else repr(v)
+    if isinstance(v, np.integer):
+        return str(int(v))
+    return str(v)
+
+
+def _atomic_target(path: str):
+    """A temp file in the destination's directory, so that os.replace is atomic."""
+    d = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(d):
+        raise LawInputError(f"output directory {d} does not exist; create it first")
+    fd, tmp = tempfile.mkstemp(dir=d, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    return fd, tmp
+
+
+def write_table(rows: list[dict], path: str) -> None:
+    """Write rows to ``path`` atomically: CSV, or Parquet when the name ends in .parquet
+    (needs pyarrow).  Extra keys beyond COLUMNS are appended as further columns."""
+    extra = sorted({k for r in rows for k in r} - set(COLUMNS))
+    columns = list(COLUMNS) + extra
+    if path.endswith(".parquet"):
+        try:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise LawInputError(
+                f"writing {path} needs pyarrow (pip install pyarrow); or give a .csv name"
+            ) from None
+        table = pa.table({c: [r.get(c) for r in rows] for c in columns})
+        fd, tmp = _atomic_target(path)
+        os.close(fd)
+        try:
+            pq.write_table(table, tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+        return
+    fd, tmp = _atomic_target(path)
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(columns)
+            for r in rows:
+                w.writerow([_cell(r.get(c)) for c in columns])
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _parse(column: str, text: str, where: str):
+    if column not in _NUMERIC:
+        return text
+    if text is None or text.strip() == "":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise LawInputError(f"{where}: column {column!r} has non-numeric value {text!r}") from None
+
+
+def read_table(path: str) -> list[dict]:
+    """Read a measurement table (CSV, or Parquet with pyarrow) into a list of row dicts;
+    numeric columns become floats (None when empty).  Checks that the required columns
+    exist; the values are checked by :func:`select_curves`."""
+    if not os.path.isfile(path):
+        raise LawInputError(f"table {path} does not exist")
+    if path.endswith(".parquet"):
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise LawInputError(f"reading {path} needs pyarrow (pip install pyarrow)") from None
+        data = pq.read_table(path).to_pydict()
+        columns = list(data)
+        n = len(data[columns[0]]) if columns else 0
+        raw = [{c: data[c][i] for c in columns} for i in range(n)]
+        rows = [
+            {c: (None if v is None else float(v)) if c in _NUMERIC else v for c, v in r.items()}
+            for r in raw
+        ]
+    else:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            columns = list(reader.fieldnames or [])
+            rows = []
+            for i, r in enumerate(reader, start=2):
+                rows.append({c: _parse(c, r.get(c), f"{path} line {i}") for c in columns})
+    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+    if missing:
+        raise LawInputError(
+            f"table {path} lacks column(s) {', '.join(missing)}; a law table needs "
+            f"{', '.join(REQUIRED_COLUMNS)} (one row per measurement)"
+        )
+    return rows
+
+
+def kind_of(row: dict) -> str:
+    """The row's infusion kind; tables without the column are 'unspecified'."""
+    return str(row.get("infusion_kind") or "unspecified")
+
+
+def _row_ids(idx) -> str:
+    shown = ", ".join(str(i + 1) for i in idx[:5])
+    return shown + (f" and {len(idx) - 5} more" if len(idx) > 5 else "")
+
+
+def select_curves(
+    rows: list[dict], metric: str, infusion_kind: str | None = None
+) -> tuple[list[Curve], str]:
+    """Pick the rows of ``metric`` (and of ``infusion_kind`` when given), validate them and
+    group them into one :class:`Curve` per (model_params, tokens), sorted by size then
+    budget.  Returns the curves and the infusion kind.  Raises LawInputError naming what
+    to fix: unknown metric, mixed infusion kinds, NaN or non-positive values, fewer than
+    two model sizes, or a curve with fewer than four infusion levels."""
+    if not rows:
+        raise LawInputError("the table has no rows")
+    metrics = sorted({str(r.get("metric")) for r in rows})
+    if metric not in metrics:
+        raise LawInputError(
+            f"metric {metric!r} is not in the table; it has: {', '.join(metrics)} "
+            "(choose one with --metric)"
+        )
+    where = [i for i, r in enumerate(rows) if r.get("metric") == metric]
+    kinds = sorted({kind_of(rows[i]) for i in where})
+    if infusion_kind is not None:
+        where = [i for i in where if kind_of(rows[i]) == infusion_kind]
+        if not where:
+            raise LawInputError(
+                f"no {metric} rows have infusion_kind {infusion_kind!r}; the table has: "
+                f"{', '.join(kinds)}"
+            )
+        kind = infusion_kind
+    elif len(kinds) > 1:
+        raise LawInputError(
+            f"the {metric} rows mix infusion kinds ({', '.join(kinds)}); one law needs one "
+            "knob: choose with --infusion-kind"
+        )
+    else:
+        kind = kinds[0]
+
+    sel = [rows[i] for i in where]
+    # Row numbers in messages count data rows of the whole table from 1 (CSV line - 1).
+    where = np.array(where)
+    for col in ("model_params", "tokens", "infusion", "value"):
+        vals = np.array([np.nan if r.get(col) is None else r[col] for r in sel], dtype=float)
+        bad = np.flatnonzero(~np.isfinite(vals))
+        if bad.size:
+            raise LawInputError(
+                f"column {col!r} is empty, NaN or infinite in {bad.size} {metric} row(s) "
+                f"(table row(s) {_row_ids(where[bad])}); remove or fix them"
+            )
+        if col != "value":
+            bad = np.flatnonzero(vals <= 0)
+            if bad.size:
+                raise LawInputError(
+                    f"column {col!r} must be > 0 (it is fitted on a log scale) but is "
+                    f"{vals[bad[0]]:g} in {bad.size} {metric} row(s) (table row(s) "
+                    f"{_row_ids(where[bad])})"
+                )
+
+    groups: dict[tuple[float, float], list[dict]] = {}
+    for r in sel:
+        groups.setdefault((float(r["model_params"]), float(r["tokens"])), []).append(r)
+    sizes = sorted({n for n, _ in groups})
+    if len(sizes) < 2:
+        raise LawInputError(
+            f"the {metric} rows hold one model size only (N={sizes[0]:g}); a law in N needs "
+            "at least two sizes (three for the held-out check)"
+        )
+    curves = []
+    for (n, d), rs in sorted(groups.items()):
+        x = np.array([r["infusion"] for r in rs], dtype=float)
+        y = np.array([r["value"] for r in rs], dtype=float)
+        order = np.argsort(x, kind="stable")
+        c = Curve(n, d, x[order], y[order])
+        if np.unique(c.infusion).size < 4:
+            raise LawInputError(
+                f"{c.label} has {np.unique(c.infusion).size} distinct infusion level(s); "
+                "a collapse curve needs at least 4 (if runs of one budget carry different "
+                "'tokens' values, write the budget, not the tokens counted)"
+            )
+        curves.append(c)
+    return curves, kind
