@@ -10,7 +10,7 @@ blocks), a second kernel overwrites the chunk *in place* with the gradient of th
 loss (softmax - one_hot), and two more matmuls turn it into this chunk's rows of
 grad_hidden and its contribution to grad_weight (the Liger-Kernel scheme). Backward then
 only scales the stored gradients by grad_output / n_valid. Peak extra memory is one
-logits chunk, sized by default to about the size of ``hidden``.
+logits chunk, sized by default to about the size of ``hidden`` (at least ~4M elements).
 
 Vocabulary parallelism (``group``): ``weight`` is this rank's contiguous shard of the
 vocabulary (rank r owns rows [r * V_local, (r + 1) * V_local)) and targets are global
@@ -116,9 +116,15 @@ def _global_lse(row_max, row_sumexp, row_target, group):
     return row_max + torch.log(row_sumexp), row_target
 
 
+_MIN_CHUNK_ELEMENTS = 2**22  # logits chunks below this only add launches and small matmuls
+
+
 def _default_chunk(n_rows: int, hidden_size: int, vocab_local: int) -> int:
-    """Rows per chunk so the logits chunk holds about as many elements as ``hidden``."""
-    return max(1, min(n_rows, next_power_of_2(cdiv(n_rows, cdiv(vocab_local, hidden_size)))))
+    """Rows per chunk: the logits chunk holds about as many elements as ``hidden`` (Liger's
+    rule), but at least ~4M elements, so small problems are not cut into tiny matmuls."""
+    rows = next_power_of_2(cdiv(n_rows, cdiv(vocab_local, hidden_size)))
+    rows = max(rows, _MIN_CHUNK_ELEMENTS // vocab_local)
+    return max(1, min(n_rows, rows))
 
 
 def linear_cross_entropy_forward(
@@ -323,7 +329,7 @@ def linear_cross_entropy(hidden, weight, target, ignore_index=-100, group=None, 
     the loss is identical on every rank, grad_weight is this rank's shard's gradient, and
     the gradient reaching ``hidden`` is this rank's partial, which the caller must
     all-reduce over ``group``. ``chunk_size``: tokens per chunk (default: logits chunk
-    about the size of ``hidden``). Returns a 0-dim float32 (float64 for float64 inputs
+    about the size of ``hidden``, at least ~4M elements). Returns a 0-dim float32 (float64 for float64 inputs
     on the reference path) tensor. Runs Triton or the chunked reference as
     :mod:`kernels.dispatch` decides.
     """
