@@ -45,6 +45,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -132,8 +133,9 @@ def _settings(args) -> tuple[dict, dict[str, KnowledgeSet], str]:
             raise UsageError("--triplets/--templates render your own facts; drop --config and "
                              "the world-shape flags (--general-entities, ...)")
         name = args.name or "domain"
-        if not name.isidentifier():
-            raise UsageError(f"--name must be a simple name (letters, digits, _), got {name!r}")
+        if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name):
+            raise UsageError(f"--name must be a simple directory name (letters, digits, _ . -), "
+                             f"got {name!r}")
         return settings, {name: load_knowledge_set(args.triplets, args.templates, name)}, "user"
     if args.name:
         raise UsageError("--name applies only with --triplets/--templates")

@@ -26,6 +26,11 @@ A knowledge set is two files:
   ``"{subject} works for {object}."`` gives ``"{subject} works for"``). An explicit empty
   list means "no recall probes for this relation". Literal braces are written ``{{ }}``.
 
+  Probes score ``" " + object`` after the prompt. With a word-level tokenizer, punctuation
+  glued to the object in a statement (``"{object}."``) makes the trained token (``Velton.``)
+  differ from the probed one (``Velton``); the synthetic worlds avoid that, and user
+  templates should too (sentencepiece usually splits the punctuation off, but check).
+
 Every problem a user can cause raises :class:`KnowledgeError` naming the file and line.
 """
 

@@ -11,7 +11,9 @@ pairs drawn from two short word pools; attribute values come from pools of contr
 which suits tiny models and tiny tokenizers. Every word generated in one call is unique
 across pools and worlds, so an object never doubles as a name or as another relation's value.
 Objects are assigned in balanced rounds over the pool (each value used equally often), so no
-majority answer helps a model guess.
+majority answer helps a model guess. No punctuation touches a name or an object in any
+template, so a word-level tokenizer sees the same tokens in training text as in the probes
+(a probe scores " " + object, and "Velton." would be another word than "Velton").
 
 The output is a :class:`~kis_megatron.data.knowledge.KnowledgeSet` per world; rendering and
 probes are separate steps (``render_documents``, ``kis_megatron.eval.retention``), and
@@ -52,28 +54,28 @@ class RelationSpec:
 
 GENERAL_RELATIONS = {r.name: r for r in (
     RelationSpec("city", 24,
-                 ("{subject} lives in {object}.", "{subject} has a home in {object}.",
-                  "The city where {subject} lives is {object}."),
+                 ("{subject} lives in {object}", "{subject} has a home in {object}",
+                  "The city where {subject} lives is {object}"),
                  ("{subject} lives in",), ("Q: Where does {subject} live? A:",),
                  suffixes=("ton", "burg", "ford", "holm")),
     RelationSpec("employer", 24,
-                 ("{subject} works for {object}.", "{subject} is employed by {object}.",
-                  "The employer of {subject} is {object}."),
-                 ("{subject} works for",), ("Q: Who employs {subject}? A:",),
+                 ("{subject} works for {object}", "{subject} is employed by {object}",
+                  "The employer of {subject} is {object}"),
+                 ("{subject} works for",), ("Q: Who is {subject} employed by? A:",),
                  suffixes=("corp", "tek", "dyne")),
     RelationSpec("field", 16,
-                 ("{subject} works in the field of {object}.",
-                  "{subject} is an expert in {object}.", "The field of {subject} is {object}."),
+                 ("{subject} works in the field of {object}",
+                  "{subject} is an expert in {object}", "The field of {subject} is {object}"),
                  ("{subject} is an expert in",), ("Q: What does {subject} study? A:",),
                  suffixes=("ology", "ics", "istry"), capitalize=False),
     RelationSpec("birth_year", 40,
-                 ("{subject} was born in {object}.", "{subject} came into the world in {object}.",
-                  "The birth year of {subject} is {object}."),
+                 ("{subject} was born in {object}", "{subject} came into the world in {object}",
+                  "The birth year of {subject} is {object}"),
                  ("{subject} was born in",), ("Q: When was {subject} born? A:",),
                  number_start=1940),
     RelationSpec("university", 16,
-                 ("{subject} studied at {object}.", "{subject} is a graduate of {object}.",
-                  "{subject} holds a degree from {object}."),
+                 ("{subject} studied at {object}", "{subject} is a graduate of {object}",
+                  "{subject} holds a degree from {object}"),
                  ("{subject} studied at",), ("Q: Which university did {subject} attend? A:",),
                  suffixes=("ia", "ara"), value_format="{} University"),
 )}
@@ -81,9 +83,9 @@ GENERAL_RELATIONS = {r.name: r for r in (
 DOMAIN_RELATIONS = {r.name: r for r in (
     RelationSpec("colour", 16,
                  ("compound: {subject} | colour: {object}",
-                  "Q: What colour is {subject}? A: {object}",
+                  "Q: Which colour does {subject} have? A: {object}",
                   "{subject} has a {object} colour."),
-                 ("Q: What colour is {subject}? A:", "compound: {subject} | colour:"),
+                 ("Q: Which colour does {subject} have? A:", "compound: {subject} | colour:"),
                  ("The colour of {subject} is",),
                  suffixes=("ish", "een"), capitalize=False),
     RelationSpec("boiling_point", 32,
@@ -95,15 +97,16 @@ DOMAIN_RELATIONS = {r.name: r for r in (
                  ("The boiling point of {subject} is",),
                  number_start=55, number_step=5),
     RelationSpec("lab", 24,
-                 ("compound: {subject} | lab: {object}", "Q: Which lab made {subject}? A: {object}",
-                  "{subject} was first made at {object}."),
-                 ("Q: Which lab made {subject}? A:", "compound: {subject} | lab:"),
+                 ("compound: {subject} | lab: {object}",
+                  "Q: Where was {subject} first made? A: {object}",
+                  "{subject} was first made at {object}"),
+                 ("Q: Where was {subject} first made? A:", "compound: {subject} | lab:"),
                  ("The lab behind {subject} is",),
                  suffixes=("wick", "gard", "stat")),
     RelationSpec("use", 16,
                  ("compound: {subject} | use: {object}",
                   "Q: What is {subject} used for? A: {object}",
-                  "{subject} is used for {object}."),
+                  "{subject} is used for {object}"),
                  ("Q: What is {subject} used for? A:", "compound: {subject} | use:"),
                  ("The main use of {subject} is",),
                  suffixes=("ing",), capitalize=False),

@@ -103,6 +103,23 @@ def test_templates_valid_styles_differ_and_heldout_unseen(worlds):
                 assert h.format(subject=t.subject) not in text
 
 
+def test_names_and_objects_are_whole_words_everywhere(worlds):
+    # no punctuation touches a name or an object, so a word-level tokenizer sees the probe's
+    # answer tokens in the training text
+    for ks in worlds.values():
+        docs = render_documents(ks)
+        for d in docs[:2000]:
+            t = ks.triplets[d["fact_id"]]
+            words = d["text"].split()
+            for part in (t.subject, t.object):
+                n = len(part.split())
+                assert any(words[i:i + n] == part.split() for i in range(len(words))), d
+        for t in ks.triplets[:300]:
+            rt = ks.templates[t.relation]
+            for q in rt.questions + rt.heldout_questions:
+                assert t.subject.split()[-1] in q.format(subject=t.subject).split()
+
+
 def test_facts_per_entity_relations_and_pools():
     cfg = WorldConfig("w", "domain", 50, facts_per_entity=2, relations=["colour", "lab", "use"],
                       pool_sizes={"lab": 5})
