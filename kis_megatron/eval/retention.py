@@ -4,7 +4,7 @@ A probe asks one fact: a prompt built from a question template and the subject, 
 object and K distractors (other objects of the same relation, sampled with a fixed seed).
 Two styles: ``recall`` prompts come from the statement form the model was trained on
 (``"Tavo Renley works for"``); ``heldout`` prompts use wording never rendered into training
-text (``"Q: Who employs Tavo Renley? A:"``). Probe sets are saved as JSONL files so every run
+text (``"Q: Who is Tavo Renley employed by? A:"``). Probe sets are saved as JSONL files so every run
 of a sweep is scored on exactly the same questions.
 
 Scoring needs no model class: ``logprob_fn(input_ids[B, T]) -> [B, T, V]`` (logits or
@@ -12,6 +12,7 @@ log-probabilities: ``log_softmax`` is applied here, a no-op on log-probabilities
 ``encode(text) -> list[int]``. Each candidate's score is the summed log-likelihood of its
 answer tokens after the prompt; the prediction is the argmax, and a tie with the correct
 answer counts as wrong, so a model that cannot tell the candidates apart never gets credit.
+Put the model in eval mode first (dropout); gradients are off here.
 """
 
 from __future__ import annotations
