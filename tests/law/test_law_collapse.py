@@ -1,0 +1,135 @@
+import math
+
+import numpy as np
+import pytest
+
+from kis_megatron.law.collapse import (
+    AT_START,
+    COLLAPSE,
+    NO_COLLAPSE,
+    detect_collapse,
+    step_curve,
+)
+from kis_megatron.law.table import Curve
+
+LEVELS = np.geomspace(10.0, 10_000.0, 10)
+
+
+def curve(x, y, n=1e6, d=1e9):
+    return Curve(n, d, np.asarray(x, dtype=float), np.asarray(y, dtype=float))
+
+
+@pytest.mark.parametrize("fraction", [0.5, 0.3])
+def test_noise_free_step_gives_the_exact_crossing(fraction):
+    # Ground truth: floor 0.2 + 0.7 * sigmoid(-(x - log10 300) / 0.2); the fraction-f point
+    # of that curve is log10(300) + 0.2 * ln((1 - f) / f), whatever the fit's parametrisation.
+    y = step_curve(np.log10(LEVELS), 0.9, 0.2, math.log10(300.0), 0.2)
+    cp = detect_collapse(curve(LEVELS, y), fraction=fraction, chance=0.2, n_boot=20)
+    truth = math.log10(300.0) + 0.2 * math.log((1 - fraction) / fraction)
+    assert cp.status == COLLAPSE
+    assert math.log10(cp.collapse_infusion) == pytest.approx(truth, abs=1e-4)
+    assert cp.ci[0] <= cp.collapse_infusion <= cp.ci[1]
+
+
+def test_crossing_matches_brute_force_search_on_the_fitted_curve(true_retention):
+    rng = np.random.default_rng(3)
+    y = true_retention(LEVELS, 500.0, width=0.15) + rng.normal(0, 0.02, LEVELS.size)
+    cp = detect_collapse(curve(LEVELS, y), fraction=0.4, chance=0.2, n_boot=20)
+    # Independent reference: bisection for fit(x) = floor + 0.4 * (plateau - floor).
+    target = cp.fit.floor + 0.4 * (cp.fit.plateau - cp.fit.floor)
+    lo, hi = LEVELS[0], LEVELS[-1]
+    for _ in range(200):
+        mid = math.sqrt(lo * hi)
+        lo, hi = (mid, hi) if cp.fit(mid) > target else (lo, mid)
+    assert cp.collapse_infusion == pytest.approx(lo, rel=1e-9)
+    assert cp.threshold == pytest.approx(target, rel=1e-12)
+
+
+def test_free_floor_is_fitted_when_no_chance_is_given(true_retention):
+    y = true_retention(LEVELS, 200.0, width=0.1, chance=0.35, plateau=0.95)
+    cp = detect_collapse(curve(LEVELS, y), n_boot=20)
+    assert cp.fit.floor == pytest.approx(0.35, abs=2e-3)
+    assert cp.collapse_infusion == pytest.approx(200.0, rel=0.01)
+
+
+def test_initial_rise_is_ignored(true_retention):
+    # Too little infused at first (retention rises from chance), then plateau, then collapse.
+    x = np.geomspace(1.0, 10_000.0, 13)
+    y = true_retention(x, 1000.0, width=0.12, rise_at=5.0)
+    cp = detect_collapse(curve(x, y), chance=0.2, n_boot=20)
+    assert cp.status == COLLAPSE
+    assert cp.collapse_infusion == pytest.approx(1000.0, rel=0.02)
+    assert cp.fit_range[0] > 5.0  # the fit starts on the plateau, after the rise
+
+
+def test_noisy_collapse_point_with_seeds(true_retention):
+    rng = np.random.default_rng(7)
+    x = np.repeat(LEVELS, 2)  # two seeds per level
+    y = rng.binomial(400, true_retention(x, 700.0)) / 400
+    cp = detect_collapse(curve(x, y), chance=0.2, n_boot=100, rng=np.random.default_rng(0))
+    assert cp.status == COLLAPSE and cp.n_measurements == 20 and cp.n_levels == 10
+    assert cp.collapse_infusion == pytest.approx(700.0, rel=0.08)
+    assert cp.ci[0] < cp.collapse_infusion < cp.ci[1]
+    assert cp.ci[1] / cp.ci[0] < 1.5  # an interval, not everything
+    again = detect_collapse(curve(x, y), chance=0.2, n_boot=100, rng=np.random.default_rng(0))
+    assert again.ci == cp.ci  # fixed seed, same interval
+
+
+def test_bootstrap_intervals_cover_the_truth_in_repeated_experiments(true_retention):
+    # 24 independent noisy curves (one seed per level, 9 levels): the 95% intervals should
+    # cover the true point about 95% of the time (simulations with more curves: ~92%);
+    # an interval that ignored the noise-level uncertainty would cover far less often.
+    x = np.geomspace(0.05, 2.0, 9)
+    covered, errors = 0, []
+    for s in range(24):
+        rng = np.random.default_rng(100 + s)
+        y = true_retention(x, 0.3, width=0.15) + rng.normal(0, 0.02, x.size)
+        cp = detect_collapse(curve(x, y), chance=0.2, n_boot=60, rng=rng)
+        covered += cp.ci[0] <= 0.3 <= cp.ci[1]
+        errors.append(math.log10(cp.collapse_infusion / 0.3))
+    assert covered >= 19
+    assert abs(np.mean(errors)) < 0.01  # no bias beyond 2% in the point
+
+
+def test_monotone_falling_curve_of_the_pilot():
+    # PILOT.md grid A, 458k params: domain retention vs number of domain facts.
+    x = [64, 128, 256, 512, 1024, 2048]
+    y = [1.00, 1.00, 0.82, 0.44, 0.25, 0.22]
+    cp = detect_collapse(curve(x, y), chance=0.2, n_boot=50)
+    assert cp.status == COLLAPSE
+    # Half of the way from 1.0 to chance (0.6) is crossed between 256 (.82) and 512 (.44).
+    assert 256 < cp.collapse_infusion < 512
+    assert cp.fit_range == (64.0, 2048.0)
+
+
+def test_no_fall_gives_a_lower_bound_and_no_point():
+    rng = np.random.default_rng(1)
+    y = 0.85 + rng.normal(0, 0.02, LEVELS.size)
+    cp = detect_collapse(curve(LEVELS, y), chance=0.2, n_boot=20)
+    assert cp.status == NO_COLLAPSE
+    assert cp.lower_bound == LEVELS[-1]
+    assert cp.collapse_infusion is None and cp.ci is None and cp.boot_log10 is None
+
+
+def test_fall_that_stays_above_the_threshold_gives_a_lower_bound(true_retention):
+    # The fall begins at the edge of the range: 0.9 -> ~0.7, never below 0.55.
+    y = true_retention(LEVELS, 30_000.0, width=0.3)
+    assert y.min() > 0.55
+    cp = detect_collapse(curve(LEVELS, y), chance=0.2, n_boot=20)
+    assert cp.status == NO_COLLAPSE and cp.lower_bound == LEVELS[-1]
+
+
+def test_curve_at_chance_throughout_gives_an_upper_bound():
+    rng = np.random.default_rng(2)
+    y = 0.2 + rng.normal(0, 0.02, LEVELS.size)
+    cp = detect_collapse(curve(LEVELS, y), chance=0.2, n_boot=20)
+    assert cp.status == AT_START
+    assert cp.upper_bound == LEVELS[0] and cp.collapse_infusion is None
+
+
+def test_bad_settings_are_rejected(true_retention):
+    y = true_retention(LEVELS, 300.0)
+    with pytest.raises(ValueError, match="fraction"):
+        detect_collapse(curve(LEVELS, y), fraction=1.0)
+    with pytest.raises(ValueError, match="min_drop"):
+        detect_collapse(curve(LEVELS, y), min_drop=0)
