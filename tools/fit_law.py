@@ -24,6 +24,15 @@ from kis_megatron.law.runs import extract_runs, find_run_dirs
 from kis_megatron.law.table import LawInputError, read_table
 
 
+def _chance(text: str):
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a number or 'auto', not {text!r}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     src = ap.add_mutually_exclusive_group(required=True)
@@ -36,8 +45,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="retention metric whose fall defines the collapse (default %(default)s; "
                     "retention/general for forgetting)")
     ap.add_argument("--infusion-kind", help="which knob, when the table mixes several")
-    ap.add_argument("--chance", type=float,
-                    help="known floor of the metric, e.g. 0.2 for 4 distractors (default: fitted)")
+    ap.add_argument("--chance", type=_chance,
+                    help="known floor of the metric, e.g. 0.2 for 4 distractors, or 'auto' for "
+                    "the retention_chance/<name> the evaluator logged (default: fitted)")
     ap.add_argument("--fraction", type=float, default=0.5,
                     help="collapse where retention above the floor falls to this share of its "
                     "plateau (default %(default)s)")

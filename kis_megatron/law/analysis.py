@@ -3,7 +3,7 @@ fit the law, check it on the largest model, predict.  report.py and plots.py ren
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -19,7 +19,7 @@ class Options:
     metric: str = "retention/domain"
     infusion_kind: str | None = None
     fraction: float = 0.5
-    chance: float | None = None
+    chance: float | str | None = None  # a number, None (fitted floor) or "auto"
     min_drop: float = 0.1
     n_boot: int = 1000
     seed: int = 0
@@ -34,7 +34,10 @@ class Options:
             raise LawInputError(f"--bootstrap must be at least 10, got {self.n_boot}")
         if not 0.5 <= self.confidence < 1.0:
             raise LawInputError(f"--confidence must be in [0.5, 1), got {self.confidence}")
-        if self.chance is not None and not np.isfinite(self.chance):
+        if isinstance(self.chance, str):
+            if self.chance != "auto":
+                raise LawInputError(f"--chance takes a number or 'auto', got {self.chance!r}")
+        elif self.chance is not None and not np.isfinite(self.chance):
             raise LawInputError("--chance must be a finite number")
 
 
@@ -85,10 +88,27 @@ def predict(law: LawFit, n: float, d: float | None) -> dict:
     }
 
 
+def logged_chance(rows: list[dict], metric: str) -> float:
+    """The chance level the evaluator logged for ``metric``: the mean of the
+    ``retention_chance/<name>`` rows for ``retention/<name>`` (or retention_heldout/...),
+    i.e. the average of 1 / (1 + distractors) over the probes."""
+    name = metric.split("/", 1)[-1]
+    vals = [r["value"] for r in rows if r.get("metric") == f"retention_chance/{name}"]
+    vals = [v for v in vals if v is not None and np.isfinite(v)]
+    if not metric.startswith("retention") or not vals:
+        raise LawInputError(
+            f"--chance auto needs retention_chance/{name} rows in the table for {metric}; "
+            "give the chance level as a number instead"
+        )
+    return float(np.mean(vals))
+
+
 def analyze(rows: list[dict], options: Options, target: str | None = None) -> Analysis:
     """Run the analysis on table rows.  Raises LawInputError with one clear message for any
     input problem (see table.select_curves and fit.fit_law)."""
     options.validate()
+    if options.chance == "auto":
+        options = replace(options, chance=logged_chance(rows, options.metric))
     target_nd = parse_target(target) if target else None
     curves, kind = select_curves(rows, options.metric, options.infusion_kind)
     points = []

@@ -223,13 +223,14 @@ def detect_collapse(
     rng = rng if rng is not None else np.random.default_rng(0)
     x_all = np.log10(curve.infusion)
     levels, means, _ = level_means(x_all, curve.value)
+    raw = np.unique(curve.infusion)  # the same levels, exact, for reporting bounds
     peak = int(np.argmax(means))
     start = peak
     while start > 0 and means[start - 1] >= means[peak] - min_drop / 2:
         start -= 1
     base = dict(model_params=curve.model_params, tokens=curve.tokens)
     base.update(n_levels=int(levels.size), n_measurements=int(x_all.size))
-    lo_inf, hi_inf = float(10 ** levels[0]), float(10 ** levels[-1])
+    lo_inf, hi_inf = float(raw[0]), float(raw[-1])
 
     if chance is not None and means[peak] - chance < min_drop:
         return CollapsePoint(
@@ -251,7 +252,7 @@ def detect_collapse(
     threshold = fit.floor + fraction * (fit.plateau - fit.floor)
     xc = fit.crossing(fraction)
     base.update(fit=fit, threshold=float(threshold))
-    base["fit_range"] = (float(10 ** levels[start]), hi_inf)
+    base["fit_range"] = (float(raw[start]), hi_inf)
     if not np.any(means[start:] < threshold) or xc > levels[-1]:
         return CollapsePoint(
             **base, status=NO_COLLAPSE, lower_bound=hi_inf,
@@ -260,7 +261,7 @@ def detect_collapse(
         )
     if xc < levels[start]:
         return CollapsePoint(
-            **base, status=AT_START, upper_bound=float(10 ** levels[start]),
+            **base, status=AT_START, upper_bound=float(raw[start]),
             note="the fitted threshold crossing lies before the first fitted level",
         )
 

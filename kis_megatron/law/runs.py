@@ -23,18 +23,43 @@ import yaml
 
 from kis_megatron.law.table import LawInputError
 
-# Keys of metrics lines that are bookkeeping or training quantities, not evaluation metrics.
-_NOT_METRICS = {"step", "loss", "lr", "grad_norm", "tokens_total", "tokens_domain", "tokens_per_s"}
-_NOT_METRIC_PREFIXES = ("exposures/", "probes/", "time/", "perf/", "mem/")
+# Keys of metrics lines that are bookkeeping or training quantities, not evaluation metrics
+# (probes* are probe counts).
+_NOT_METRICS = {"step", "loss", "lr", "grad_norm", "tokens_per_s"}
+_NOT_METRIC_PREFIXES = ("tokens_", "target_domain_tokens", "exposures/", "probes", "time/")
 
 
-def _is_metric(key: str, value) -> bool:
-    return (
-        key not in _NOT_METRICS
-        and not key.startswith(_NOT_METRIC_PREFIXES)
-        and isinstance(value, (int, float))
-        and not isinstance(value, bool)
-    )
+def _metric_value(key: str, value) -> float | None:
+    """The value as a float if ``key`` is an evaluation metric, else None.  The trainer
+    writes NaN as null and infinities as "inf"/"-inf"; they come back as NaN / inf so a
+    fit on that metric fails loudly instead of silently missing a run."""
+    if key in _NOT_METRICS or key.startswith(_NOT_METRIC_PREFIXES) or isinstance(value, bool):
+        return None
+    if value is None:
+        return math.nan
+    if isinstance(value, (int, float)):
+        return float(value)
+    if value in ("inf", "-inf", "nan"):
+        return float(value)
+    return None
+
+
+def _exposures(train_record: dict) -> dict:
+    """``exposures`` (mean exposures per domain fact) and per-source columns.  The trainer
+    logs ``exposures/<source>/mean`` per domain source; with one source that is the
+    ``exposures`` value, ``exposures/mean`` when a log has it directly."""
+    per_source = {
+        k: v for k, v in train_record.items()
+        if k.startswith("exposures/") and k.endswith("/mean") and k.count("/") == 2
+    }
+    if "exposures/mean" in train_record:
+        main = train_record["exposures/mean"]
+    else:
+        main = next(iter(per_source.values())) if len(per_source) == 1 else None
+    out = {"exposures": main}
+    if len(per_source) > 1:
+        out.update(per_source)
+    return out
 
 
 def _is_eval(record: dict) -> bool:
@@ -186,19 +211,20 @@ def read_run(run_dir: str, all_evals: bool = False) -> tuple[list[dict], str | N
                 f"{run_dir}: cannot tell the token budget: run.json has no tokens_per_step "
                 "and no training line has tokens_total"
             )
-        exposures = last_train.get("exposures/mean")
-        for key, value in sorted(evals[step].items()):
-            if not _is_metric(key, value):
+        exposures = _exposures(last_train)
+        for key, raw in sorted(evals[step].items()):
+            value = _metric_value(key, raw)
+            if value is None:
                 continue
             rows.append({
                 "model_params": info["model_params"],
                 "tokens": tokens,
                 "infusion": float(inf["value"]),
                 "metric": key,
-                "value": float(value) if value is not None else math.nan,
+                "value": value,
                 "run_id": info.get("run_id") or os.path.basename(os.path.normpath(run_dir)),
                 "step": step,
-                "exposures": exposures,
+                **exposures,
                 "infusion_kind": inf.get("kind") or "unspecified",
                 "seed": seed,
             })

@@ -15,12 +15,14 @@ one budget must carry the same value, because collapse curves are grouped by
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 
 import numpy as np
+
+from kis_megatron.utils import atomic_write_bytes, atomic_write_text
 
 REQUIRED_COLUMNS = ("model_params", "tokens", "infusion", "metric", "value")
 COLUMNS = REQUIRED_COLUMNS + ("run_id", "step", "exposures", "infusion_kind", "seed")
@@ -60,15 +62,6 @@ def _cell(v) -> str:
     return str(v)
 
 
-def _atomic_target(path: str):
-    """A temp file in the destination's directory, so that os.replace is atomic."""
-    d = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(d):
-        raise LawInputError(f"output directory {d} does not exist; create it first")
-    fd, tmp = tempfile.mkstemp(dir=d, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    return fd, tmp
-
-
 def write_table(rows: list[dict], path: str) -> None:
     """Write rows to ``path`` atomically: CSV, or Parquet when the name ends in .parquet
     (needs pyarrow).  Extra keys beyond COLUMNS are appended as further columns."""
@@ -82,28 +75,16 @@ def write_table(rows: list[dict], path: str) -> None:
             raise LawInputError(
                 f"writing {path} needs pyarrow (pip install pyarrow); or give a .csv name"
             ) from None
-        table = pa.table({c: [r.get(c) for r in rows] for c in columns})
-        fd, tmp = _atomic_target(path)
-        os.close(fd)
-        try:
-            pq.write_table(table, tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        sink = pa.BufferOutputStream()
+        pq.write_table(pa.table({c: [r.get(c) for r in rows] for c in columns}), sink)
+        atomic_write_bytes(path, sink.getvalue().to_pybytes())
         return
-    fd, tmp = _atomic_target(path)
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(columns)
-            for r in rows:
-                w.writerow([_cell(r.get(c)) for c in columns])
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(columns)
+    for r in rows:
+        w.writerow([_cell(r.get(c)) for c in columns])
+    atomic_write_text(path, buf.getvalue())
 
 
 def _parse(column: str, text: str, where: str):
