@@ -135,6 +135,46 @@ def _as_schedules(ratios, num_domains: int) -> list[Schedule]:
     return out
 
 
+class _FactCounter:
+    """Full renderings per fact, with min and max kept up to date in time proportional to
+    the step's exposures rather than the number of facts (a full pass over the counts
+    happens only when the minimum rises, i.e. a few hundred times per run at most)."""
+
+    def __init__(self, counts: np.ndarray, cut: int = 0):
+        self.counts = counts
+        self.full = int(counts.sum())
+        self.cut = cut
+        self.max = int(counts.max()) if len(counts) else 0
+        self._rescan()
+
+    def _rescan(self) -> None:
+        self.min = int(self.counts.min()) if len(self.counts) else 0
+        self._at_min = int(np.count_nonzero(self.counts == self.min))
+
+    def add(self, idx: np.ndarray, cut: int) -> None:
+        """Count one full rendering per entry of idx (dense fact indices, repeats allowed)."""
+        self.cut += cut
+        if not len(idx):
+            return
+        before = self.counts[idx]
+        np.add.at(self.counts, idx, 1)
+        after = self.counts[idx]
+        self.full += len(idx)
+        self.max = max(self.max, int(after.max()))
+        # A fact hit m times appears m times in idx, each with after - before == m:
+        # summing 1/m over the entries that were at the minimum counts facts, not hits.
+        left = before == self.min
+        if left.any():
+            self._at_min -= round(float(np.sum(1.0 / (after[left] - before[left]))))
+            if self._at_min == 0:
+                self._rescan()
+
+    def stats(self) -> ExposureStats:
+        n = len(self.counts)
+        return ExposureStats(facts=n, mean=self.full / n, min=self.min, max=self.max,
+                             full=self.full, cut=self.cut)
+
+
 def _epoch_runs(first: int, count: int, per_epoch: int):
     """Split ordinals first .. first+count-1 into (epoch, window, n, offset) runs."""
     done = 0
@@ -176,10 +216,8 @@ class InfusionBlender:
             self._check_enough_domain_data()
         self.step = 0
         self._samples = [0] * len(self.sources)  # windows consumed per source (the cursors)
-        self._expo = {s.name: np.zeros(s.num_facts, dtype=np.int64)
+        self._expo = {s.name: _FactCounter(np.zeros(s.num_facts, dtype=np.int64))
                       for s in self.sources if s.num_facts}
-        self._full = dict.fromkeys(self._expo, 0)
-        self._cut = dict.fromkeys(self._expo, 0)
 
     def _wrap(self, src, name: str) -> TokenWindowSource:
         if isinstance(src, TokenWindowSource):
@@ -221,7 +259,7 @@ class InfusionBlender:
         ``fact_ids``); a copy."""
         if name not in self._expo:
             raise KeyError(f"source {name!r} has no doc labels (labelled: {list(self._expo)})")
-        return self._expo[name].copy()
+        return self._expo[name].counts.copy()
 
     def _plan(self) -> np.ndarray:
         n0 = self.step * self.global_batch
@@ -265,15 +303,13 @@ class InfusionBlender:
             first = self._samples[k] + int(np.count_nonzero(plan[:lo] == k))
             block = np.empty((len(where), L + 1), dtype=np.int64)
             for epoch, j, n, off in _epoch_runs(first, len(where), src.num_windows_per_epoch):
-                src.windows(epoch, j, n, out=block[off:off + n])
+                src._windows(epoch, j, n, block[off:off + n])
             tokens[where] = block
         expo = self._count_exposures(taken)
         new_epochs = self._new_epochs(samples)
         # Commit only now: an error above leaves the blender where it was.
         for name, (idx, cut) in expo.items():
-            np.add.at(self._expo[name], idx, 1)
-            self._full[name] += len(idx)
-            self._cut[name] += cut
+            self._expo[name].add(idx, cut)
         self._samples = samples
         step = self.step
         self.step += 1
@@ -287,7 +323,7 @@ class InfusionBlender:
             parts, cut = [], 0
             for epoch, j, n, _ in _epoch_runs(self._samples[k], int(taken[k]),
                                               src.num_windows_per_epoch):
-                idx, c = src.exposure_indices(epoch, j, n)
+                idx, c = src._exposure_idx(epoch, j, n)
                 parts.append(idx)
                 cut += c
             out[src.name] = (np.concatenate(parts) if parts else np.empty(0, np.int64), cut)
@@ -307,12 +343,7 @@ class InfusionBlender:
         n = self.step * self.global_batch
         dom = {s.name: c * L for s, c in zip(self.sources[1:], self._samples[1:])}
         tgt = {s.name: self.targets.target(d, n) * L for d, s in enumerate(self.sources[1:])}
-        expo = {}
-        for name, counts in self._expo.items():
-            expo[name] = ExposureStats(
-                facts=len(counts), mean=self._full[name] / len(counts), min=int(counts.min()),
-                max=int(counts.max()), full=self._full[name], cut=self._cut[name],
-            )
+        expo = {name: c.stats() for name, c in self._expo.items()}
         return Batch(
             step=step, tokens=tokens, source=mine.copy(), source_names=self.source_names,
             tokens_total=n * L, tokens_domain=sum(dom.values()),
@@ -338,8 +369,8 @@ class InfusionBlender:
             "version": _STATE_VERSION,
             "step": self.step,
             "samples": list(self._samples),
-            "exposures": {name: {"counts": c.tolist(), "full": self._full[name],
-                                 "cut": self._cut[name]} for name, c in self._expo.items()},
+            "exposures": {name: {"counts": c.counts.tolist(), "full": c.full, "cut": c.cut}
+                          for name, c in self._expo.items()},
             "fingerprint": self._fingerprint(),
         }
 
@@ -361,13 +392,12 @@ class InfusionBlender:
                     f"{value!r}; resume with the configuration and data of the saved run"
                 )
         try:
-            step, samples, expo, full, cut = self._parse_state(state)
+            step, samples, expo = self._parse_state(state)
         except (KeyError, TypeError, ValueError) as e:
             if isinstance(e, InfusionError):
                 raise
             raise InfusionError(f"blender state is malformed ({e!r}); it is not from this blender") from None
-        self.step, self._samples = step, samples
-        self._expo, self._full, self._cut = expo, full, cut
+        self.step, self._samples, self._expo = step, samples, expo
 
     def _parse_state(self, state: Mapping):
         step = _check_int(state["step"], "saved step", 0)
@@ -384,16 +414,16 @@ class InfusionBlender:
         saved = state["exposures"]
         if not isinstance(saved, Mapping) or set(saved) != set(self._expo):
             raise InfusionError("blender state's exposure counters do not match the labelled sources")
-        expo, full, cut = {}, {}, {}
-        for name, counts in self._expo.items():
+        expo = {}
+        for name, mine in self._expo.items():
             arr = np.asarray(saved[name]["counts"], dtype=np.int64)
-            if arr.shape != counts.shape or (arr.size and int(arr.min()) < 0):
-                raise InfusionError(f"blender state's exposure counts of '{name}' have shape "
-                                    f"{arr.shape}, expected {counts.shape} non-negative counts")
-            expo[name] = arr
-            full[name] = _check_int(saved[name]["full"], "saved full count", 0)
-            cut[name] = _check_int(saved[name]["cut"], "saved cut count", 0)
-        return step, samples, expo, full, cut
+            full = _check_int(saved[name]["full"], "saved full count", 0)
+            if arr.shape != mine.counts.shape or (arr.size and int(arr.min()) < 0) \
+                    or int(arr.sum()) != full:
+                raise InfusionError(f"blender state's exposure counts of '{name}' are not "
+                                    f"{mine.counts.shape[0]} non-negative counts summing to {full}")
+            expo[name] = _FactCounter(arr, _check_int(saved[name]["cut"], "saved cut count", 0))
+        return step, samples, expo
 
 
 def _listify(value):

@@ -29,6 +29,11 @@ from kis_megatron.data.errors import DataError
 
 __all__ = ["InfusionError", "TokenWindowSource", "WindowExposures", "stable_name_hash"]
 
+# Shards up to this many tokens are read into memory once (auto preload): windows are
+# then gathered in one vectorised step instead of one ``get`` per document, which matters
+# for short documents (fact statements) at small seq_len. 2**24 tokens: <= 128 MiB.
+PRELOAD_MAX_TOKENS = 2**24
+
 # Epoch layouts kept per source: the current epoch, plus the previous one so that a batch
 # straddling an epoch boundary does not recompute either.
 _CACHED_EPOCHS = 2
@@ -67,16 +72,25 @@ def _check_int(value, what: str, minimum: int) -> int:
     return value
 
 
+def _strided_windows(stream: np.ndarray, count: int, L: int) -> np.ndarray:
+    """View (count, L + 1) of a contiguous array whose row k is stream[k*L : k*L + L + 1]."""
+    item = stream.itemsize
+    return np.ndarray((count, L + 1), dtype=stream.dtype, buffer=stream, strides=(L * item, item))
+
+
 class TokenWindowSource:
     """Windows of ``seq_len + 1`` tokens over one shard, reshuffled every epoch.
 
     The document order of epoch e is a permutation drawn from PCG64 seeded by
     (seed, stable hash of name, e): independent of the process, and different for two
-    sources sharing a seed. Windows are assembled from ``get`` slices of the (few)
-    documents they overlap, found by binary search in the epoch's prefix sums.
+    sources sharing a seed. Windows are assembled from ``get`` slices of the
+    documents they overlap, found by binary search in the epoch's prefix sums; with
+    ``preload`` (default: shards of at most PRELOAD_MAX_TOKENS tokens) the shard is read
+    into memory once and windows are gathered without any per-document Python loop.
     """
 
-    def __init__(self, dataset, seq_len: int, seed: int, name: str, doc_labels=None):
+    def __init__(self, dataset, seq_len: int, seed: int, name: str, doc_labels=None,
+                 preload: bool | None = None):
         if not isinstance(name, str) or not name:
             raise InfusionError(f"a source name must be a non-empty string, got {name!r}")
         self.name = name
@@ -102,9 +116,41 @@ class TokenWindowSource:
                 f"seq_len + 1 = {self.seq_len + 1}; add data or lower seq_len"
             )
         self.num_windows_per_epoch = (self.num_tokens - 1) // self.seq_len
+        self._has_empty = bool((self._sizes == 0).any())
         self._name_hash = stable_name_hash(name)
         self._layouts: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._set_labels(doc_labels, n_docs)
+        if preload is None:
+            preload = self.num_tokens <= PRELOAD_MAX_TOKENS
+        self._flat = self._preload() if preload else None
+
+    def _preload(self) -> np.ndarray:
+        """All tokens, document after document, in one array (document i at _ptr[i])."""
+        self._ptr = np.zeros(len(self._sizes), dtype=np.int64)
+        np.cumsum(self._sizes[:-1], out=self._ptr[1:])
+        flat = None
+        for i, (at, n) in enumerate(zip(self._ptr.tolist(), self._sizes.tolist())):
+            if not n:
+                continue
+            piece = np.asarray(self.dataset.get(i, 0, n))
+            if piece.dtype.kind not in "iu":
+                raise InfusionError(f"source '{self.name}': document {i} holds {piece.dtype} "
+                                    "values; token ids must be integers")
+            if flat is None:
+                flat = np.empty(self.num_tokens, dtype=piece.dtype)
+            elif not np.can_cast(piece.dtype, flat.dtype):
+                flat = flat.astype(np.int64)  # mixed token dtypes: widen once
+            self._fill(flat, at, piece, i, 0, n)
+        return flat
+
+    def _fill(self, buf: np.ndarray, at: int, piece, doc: int, off: int, n: int) -> None:
+        try:
+            buf[at:at + n] = piece
+        except ValueError:
+            raise InfusionError(
+                f"source '{self.name}': document {doc} did not return the {n} tokens at offset "
+                f"{off} that its size promises; the shard's index and tokens disagree"
+            ) from None
 
     def _set_labels(self, doc_labels, n_docs: int) -> None:
         if doc_labels is None:
@@ -145,11 +191,10 @@ class TokenWindowSource:
 
     def doc_order(self, epoch: int) -> np.ndarray:
         """The shuffled document order of an epoch (a permutation of range(num_documents))."""
-        return self._layout(epoch)[0]
+        return self._layout(_check_int(epoch, "epoch", 0))[0]
 
     def _layout(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """(order, starts): the epoch's document order and its prefix sums (len n + 1)."""
-        epoch = _check_int(epoch, "epoch", 0)
         hit = self._layouts.get(epoch)
         if hit is not None:
             return hit
@@ -163,7 +208,8 @@ class TokenWindowSource:
         self._layouts[epoch] = (order, starts)
         return order, starts
 
-    def _check_range(self, j: int, count: int) -> tuple[int, int]:
+    def _check_range(self, epoch: int, j: int, count: int) -> tuple[int, int, int]:
+        epoch = _check_int(epoch, "epoch", 0)
         j = _check_int(j, "window index", 0)
         count = _check_int(count, "window count", 0)
         if j + count > self.num_windows_per_epoch:
@@ -171,7 +217,7 @@ class TokenWindowSource:
                 f"windows [{j}, {j + count}) out of range for source '{self.name}' with "
                 f"{self.num_windows_per_epoch} windows per epoch"
             )
-        return j, count
+        return epoch, j, count
 
     def windows(self, epoch: int, j: int, count: int, out: np.ndarray | None = None) -> np.ndarray:
         """Windows j .. j+count-1 of an epoch as an int64 array (count, seq_len + 1).
@@ -180,36 +226,37 @@ class TokenWindowSource:
         even where it straddles two windows. ``out`` (an int64 array of that shape) is
         filled in place when given.
         """
-        j, count = self._check_range(j, count)
-        L = self.seq_len
+        epoch, j, count = self._check_range(epoch, j, count)
         if out is None:
-            out = np.empty((count, L + 1), dtype=np.int64)
-        if count == 0:
-            return out
+            out = np.empty((count, self.seq_len + 1), dtype=np.int64)
+        if count:
+            self._windows(epoch, j, count, out)
+        return out
+
+    def _windows(self, epoch: int, j: int, count: int, out: np.ndarray) -> None:
+        L = self.seq_len
         order, starts = self._layout(epoch)
         lo, hi = j * L, (j + count) * L + 1
-        buf = np.empty(hi - lo, dtype=np.int64)
         first = int(np.searchsorted(starts, lo, side="right")) - 1
         last = int(np.searchsorted(starts, hi, side="left")) - 1
-        pos = 0
-        for p in range(first, last + 1):
-            a, b = max(int(starts[p]), lo), min(int(starts[p + 1]), hi)
-            if b <= a:
-                continue  # empty document
-            doc = int(order[p])
-            piece = self.dataset.get(doc, a - int(starts[p]), b - a)
-            if len(piece) != b - a:
-                raise InfusionError(
-                    f"source '{self.name}': document {doc} returned {len(piece)} tokens where "
-                    f"its size says {b - a}; the shard's index and tokens disagree"
-                )
-            buf[pos:pos + b - a] = piece
-            pos += b - a
-        # Window k is buf[k*L : k*L + L + 1]: a strided view, copied into out once.
-        out[:] = np.lib.stride_tricks.as_strided(
-            buf, shape=(count, L + 1), strides=(L * buf.itemsize, buf.itemsize), writeable=False
-        )
-        return out
+        # Clip every overlapping document to [lo, hi) at once (no per-token loop).
+        s, e = starts[first:last + 1], starts[first + 1:last + 2]
+        a, b = np.maximum(s, lo), np.minimum(e, hi)
+        docs, offs, lens, dst = order[first:last + 1], a - s, b - a, a - lo
+        if self._has_empty:
+            keep = lens > 0
+            docs, offs, lens, dst = docs[keep], offs[keep], lens[keep], dst[keep]
+        if self._flat is not None:
+            # Stream position lo + x lies at flat[ptr[doc] + off + (x - dst)].
+            src = np.repeat(self._ptr[docs] + offs - dst, lens)
+            src += np.arange(hi - lo)
+            out[:] = self._flat[_strided_windows(src, count, L)]
+            return
+        buf = np.empty(hi - lo, dtype=np.int64)
+        get = self.dataset.get
+        for doc, off, n, at in zip(docs.tolist(), offs.tolist(), lens.tolist(), dst.tolist()):
+            self._fill(buf, at, get(doc, off, n), doc, off, n)
+        out[:] = _strided_windows(buf, count, L)
 
     def _attributed(self, epoch: int, j: int, count: int):
         """Documents attributed to windows j .. j+count-1: (documents, full mask)."""
@@ -225,7 +272,10 @@ class TokenWindowSource:
         """Dense fact indices (into ``fact_ids``) rendered in full in windows j..j+count-1,
         and the number of labelled documents cut there. Index arithmetic only: no tokens
         are read, so every data-parallel rank can count the whole global batch cheaply."""
-        j, count = self._check_range(j, count)
+        epoch, j, count = self._check_range(epoch, j, count)
+        return self._exposure_idx(epoch, j, count)
+
+    def _exposure_idx(self, epoch: int, j: int, count: int) -> tuple[np.ndarray, int]:
         if self._dense is None or count == 0:
             return np.empty(0, dtype=np.int64), 0
         docs, full, nonempty = self._attributed(epoch, j, count)

@@ -169,6 +169,9 @@ class RatioTargets:
             self._starts.append(starts)
             self._ratios.append(ratios)
             self._cums.append(cums)
+        self._arrays = [(np.asarray(s, dtype=np.int64), np.asarray(r, dtype=np.float64),
+                         np.asarray(c, dtype=np.float64))
+                        for s, r, c in zip(self._starts, self._ratios, self._cums)]
         self._check_sum(schedules, total_steps)
 
     def _check_sum(self, schedules, total_steps: int) -> None:
@@ -195,9 +198,10 @@ class RatioTargets:
 
     def targets(self, d: int, n: np.ndarray) -> np.ndarray:
         """t_d(n) for an int64 array of sample counts (same values as ``target``)."""
-        starts = np.asarray(self._starts[d], dtype=np.int64)
+        starts, ratios, cums = self._arrays[d]
+        if len(starts) == 1:  # one piece: skip the search
+            return cums[0] + ratios[0] * (n - starts[0]).astype(np.float64)
         p = np.searchsorted(starts, n, side="right") - 1
-        ratios, cums = np.asarray(self._ratios[d]), np.asarray(self._cums[d])
         return cums[p] + ratios[p] * (n - starts[p]).astype(np.float64)
 
     def deadline(self, d: int, k: int) -> int:
@@ -235,7 +239,7 @@ class RatioTargets:
             c = np.maximum(np.floor(self.targets(0, n) + 0.5), 0.0).astype(np.int64)
             if c[0] != counts[0]:
                 raise RuntimeError(f"planner state {counts[0]} disagrees with the plan {c[0]}")
-            out[np.diff(c) > 0] = 1
+            out[c[1:] > c[:-1]] = 1
             return out
         t = [self.targets(d, n).tolist() for d in range(D)]
         c = [int(x) for x in counts]

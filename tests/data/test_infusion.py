@@ -98,11 +98,12 @@ def ratio_at(changes, step):
     seq_len=st.integers(1, 24),
     seed=st.integers(0, 2**32),
     epoch=st.integers(0, 3),
+    preload=st.booleans(),
 )
-def test_windows_match_brute_force_stream(lengths, seq_len, seed, epoch):
+def test_windows_match_brute_force_stream(lengths, seq_len, seed, epoch, preload):
     if sum(lengths) < seq_len + 1:
         lengths = lengths + [seq_len + 1]
-    src = TokenWindowSource(make_shard(lengths, 0, seed), seq_len, seed, "s")
+    src = TokenWindowSource(make_shard(lengths, 0, seed), seq_len, seed, "s", preload=preload)
     stream = stream_of(src, epoch)
     W = src.num_windows_per_epoch
     assert W == (len(stream) - 1) // seq_len
@@ -154,6 +155,22 @@ def test_exposures_match_document_by_document_count(lengths, seq_len, seed, data
         pos += size
 
 
+class ShortShard(FakeShard):
+    """A shard whose index promises more tokens than document 2 holds."""
+
+    def get(self, i, offset=0, length=None):
+        d = self.docs[i]
+        piece = d[offset:len(d) if length is None else offset + length]
+        return piece[:-1] if i == 2 else piece
+
+
+@pytest.mark.parametrize("preload", [True, False])
+def test_shard_disagreeing_with_its_sizes_is_an_error(preload):
+    shard = ShortShard([np.arange(10)] * 5)
+    with pytest.raises(InfusionError, match="document 2 did not return"):
+        TokenWindowSource(shard, 4, 0, "s", preload=preload).windows(0, 0, 12)
+
+
 def test_doc_order_is_deterministic_and_varies_by_epoch_and_name():
     shard = make_shard([5] * 50, 0)
     a = TokenWindowSource(shard, 8, 3, "general")
@@ -179,7 +196,8 @@ def test_doc_order_is_the_same_in_another_process():
         "    sizes = np.full(40, 3, np.int32)",
         "    def __len__(self): return 40",
         "    def get(self, i, offset=0, length=None): return np.zeros(3)",
-        "print(TokenWindowSource(S(), 4, 7, 'domain-x').doc_order(2).tolist())",
+        "src = TokenWindowSource(S(), 4, 7, 'domain-x', preload=False)",
+        "print(src.doc_order(2).tolist())",
     ])
     outs = []
     for hashseed in ("1", "2"):
@@ -401,6 +419,39 @@ def test_exposure_stats_match_a_recount_of_consumed_windows():
     assert stats.mean == pytest.approx(counts.sum() / 12) and stats.cut == cut
     assert batch.metrics()["exposures/dom1/cut_fraction"] == pytest.approx(
         cut / (cut + counts.sum()))
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 6), steps=st.lists(st.lists(st.integers(0, 5), max_size=12), max_size=30))
+def test_fact_counter_min_max_match_a_full_recount(n, steps):
+    from kis_megatron.data.infusion import _FactCounter
+
+    counter, ref = _FactCounter(np.zeros(n, dtype=np.int64)), np.zeros(n, dtype=np.int64)
+    for t, step in enumerate(steps):
+        idx = np.array([i % n for i in step], dtype=np.int64)
+        counter.add(idx, cut=1)
+        for i in idx:
+            ref[i] += 1
+        st_ = counter.stats()
+        assert (st_.min, st_.max, st_.full, st_.cut) == (ref.min(), ref.max(), ref.sum(), t + 1)
+    # Rebuilt from saved counts (a resume), it continues to agree.
+    again = _FactCounter(ref.copy(), cut=3)
+    again.add(np.array([0, 0], dtype=np.int64), 0)
+    ref[0] += 2
+    assert (again.min, again.max, again.full, again.cut) == (ref.min(), ref.max(), ref.sum(), 3)
+
+
+def test_several_domains_report_per_domain_keys():
+    labels = {1: np.arange(20) % 4, 2: np.arange(20) % 3}
+    b = build([[9] * 40, [5] * 20, [6] * 20], [0.2, 0.1], 4, 10, 4, labels=labels)
+    m = b.next_batch().metrics()
+    for key in ("tokens_domain/dom1", "tokens_domain/dom2", "target_domain_tokens/dom1",
+                "exposures/dom1/mean", "exposures/dom2/min", "exposures/dom2/cut_fraction"):
+        assert key in m
+    assert m["tokens_domain"] == m["tokens_domain/dom1"] + m["tokens_domain/dom2"]
+    assert m["target_domain_tokens/dom1"] == pytest.approx(0.2 * 10 * 4)
+    assert m["target_domain_tokens"] == pytest.approx(0.3 * 10 * 4)
+    json.dumps(m)
 
 
 def test_never_exposed_facts_count_in_min_and_mean():
