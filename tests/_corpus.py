@@ -21,7 +21,7 @@ def build_world_corpus(d: Path) -> dict:
     """A general world (40 people) and a domain world (24 compounds), a 400-piece tokenizer,
     and shards: general, domain (with fact labels) and valid (a world of other people)."""
     run_tool("make_knowledge", "--out", str(d / "world"), "--general-entities", "40",
-             "--domain-entities", "24", "--seed", "0", "--max-probe-facts", "40")
+             "--domain-entities", "24", "--seed", "0")
     run_tool("make_knowledge", "--out", str(d / "vworld"), "--general-entities", "12",
              "--domain-entities", "0", "--seed", "1")
     tok = d / "tok" / "tok"
