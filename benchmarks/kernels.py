@@ -27,7 +27,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import Callable
 
@@ -70,7 +70,6 @@ class Case:
     reference: Callable[[], object]  # fp32 forward output(s) to check against
     bytes_moved: float = 0.0  # ideal HBM traffic of forward + backward
     flops: float = 0.0  # for compute-bound ops
-    notes: dict[str, str] = field(default_factory=dict)
 
 
 def _leaf(t: torch.Tensor) -> torch.Tensor:

@@ -293,6 +293,8 @@ def _flatten_checked(hidden, weight, target, ignore_index, group):
     hidden = hidden.reshape(-1, hidden.shape[-1])
     target = target.reshape(-1).to(torch.int64).contiguous()
     vocab = weight.shape[0] * _shard(group)[1]
+    # One host sync per call: the kernels mask ids they do not own, so an id outside the
+    # vocabulary would otherwise give a silently wrong loss instead of an error.
     bad = (target != ignore_index) & ((target < 0) | (target >= vocab))
     if bool(bad.any()):
         first = int(target[bad][0])
