@@ -76,18 +76,18 @@ def test_noisy_collapse_point_with_seeds(true_retention):
 
 
 def test_bootstrap_intervals_cover_the_truth_in_repeated_experiments(true_retention):
-    # 24 independent noisy curves (one seed per level, 9 levels): the 95% intervals should
-    # cover the true point about 95% of the time (simulations with more curves: ~92%);
-    # an interval that ignored the noise-level uncertainty would cover far less often.
+    # 20 independent noisy curves (one seed per level, 9 levels): the 95% intervals should
+    # cover the true point about 95% of the time (simulations with 100 curves: 94%); an
+    # interval blind to the noise would cover far less often.
     x = np.geomspace(0.05, 2.0, 9)
     covered, errors = 0, []
-    for s in range(24):
+    for s in range(20):
         rng = np.random.default_rng(100 + s)
         y = true_retention(x, 0.3, width=0.15) + rng.normal(0, 0.02, x.size)
-        cp = detect_collapse(curve(x, y), chance=0.2, n_boot=60, rng=rng)
+        cp = detect_collapse(curve(x, y), chance=0.2, n_boot=40, rng=rng)
         covered += cp.ci[0] <= 0.3 <= cp.ci[1]
         errors.append(math.log10(cp.collapse_infusion / 0.3))
-    assert covered >= 19
+    assert covered >= 16
     assert abs(np.mean(errors)) < 0.01  # no bias beyond 2% in the point
 
 
