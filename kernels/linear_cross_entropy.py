@@ -25,8 +25,8 @@ Megatron pairs a column-parallel output layer with the backward all-reduce of it
 Layers: Triton kernels -> launchers ``linear_cross_entropy_forward`` /
 ``linear_cross_entropy_backward`` -> :class:`LinearCrossEntropyFunction` ->
 :func:`linear_cross_entropy`. References: :func:`linear_cross_entropy_reference`
-(chunked, plain PyTorch, what CPU training runs; it stores one log-sum-exp per token and
-recomputes each logits chunk in backward) and :func:`linear_cross_entropy_naive`
+(chunked, plain PyTorch, what CPU training runs; like the Triton path it computes the
+gradients chunk by chunk during forward) and :func:`linear_cross_entropy_naive`
 (full logits, ``F.cross_entropy``; for tests).
 """
 
@@ -211,67 +211,60 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
 
 class _ChunkedReferenceFunction(torch.autograd.Function):
-    """Plain-PyTorch chunked path: stores one log-sum-exp per token, recomputes logits
-    chunk by chunk in backward (one extra matmul, no gradient buffers held in between)."""
+    """Plain-PyTorch chunked path, the Liger scheme without Triton: per logits chunk one
+    exp pass gives the loss and (when gradients are needed) the chunk's gradient, turned at
+    once into its rows of grad_hidden and its part of grad_weight. Backward only scales them,
+    so training costs the same three matmuls as unfused cross-entropy, with one chunk of
+    logits alive instead of all of them. Without gradients (evaluation) nothing is stored."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, target, ignore_index, group, chunk_size):
+    def forward(ctx, hidden, weight, target, ignore_index, group, chunk_size, need_h, need_w):
         n_rows, hidden_size = hidden.shape
         vocab_local = weight.shape[0]
         vocab_start = _shard(group)[0] * vocab_local
         compute = torch.promote_types(hidden.dtype, torch.float32)
         chunk = chunk_size or _default_chunk(n_rows, hidden_size, vocab_local)
-        lse = torch.empty(n_rows, dtype=compute, device=hidden.device)
+        w = weight.to(compute)
         loss_rows = torch.zeros(n_rows, dtype=compute, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden, dtype=compute) if need_h else None
+        grad_weight = torch.zeros_like(w) if need_w else None
         for start in range(0, n_rows, chunk):
             end = min(start + chunk, n_rows)
             t = target[start:end]
-            logits = (hidden[start:end] @ weight.t()).to(compute)
+            h = hidden[start:end].to(compute)
+            logits = h @ w.t()  # (C, V_local)
             local = t - vocab_start
-            owned = (t != ignore_index) & (local >= 0) & (local < vocab_local)
-            picked = logits.gather(1, local.clamp(0, vocab_local - 1)[:, None]).squeeze(1)
+            valid = t != ignore_index
+            owned = valid & (local >= 0) & (local < vocab_local)
+            idx = local.clamp(0, vocab_local - 1)[:, None]
+            picked = logits.gather(1, idx).squeeze(1)
             row_max = logits.max(dim=1).values
-            row_sumexp = torch.exp(logits - row_max[:, None]).sum(dim=1)
+            logits.sub_(row_max[:, None]).exp_()  # in place: exp(logits - row max)
+            row_sumexp = logits.sum(dim=1)
             row_target = torch.where(owned, picked, 0.0)
             chunk_lse, tgt = _global_lse(row_max, row_sumexp, row_target, group)
-            lse[start:end] = chunk_lse
-            loss_rows[start:end] = torch.where(t != ignore_index, chunk_lse - tgt, 0.0)
+            loss_rows[start:end] = torch.where(valid, chunk_lse - tgt, 0.0)
+            if need_h or need_w:
+                # d(sum of losses)/d logits = softmax - one_hot(target), zero for ignored rows
+                logits.mul_(torch.where(valid, torch.exp(row_max - chunk_lse), 0.0)[:, None])
+                logits.scatter_add_(1, idx, -owned.to(compute)[:, None])
+                if need_h:
+                    grad_hidden[start:end] = logits @ w
+                if need_w:
+                    grad_weight.addmm_(logits.t(), h)
         n_valid = (target != ignore_index).sum()
-        ctx.save_for_backward(hidden, weight, target, lse, n_valid)
-        ctx.args = (ignore_index, vocab_start, chunk)
+        ctx.save_for_backward(grad_hidden, grad_weight, n_valid)
+        ctx.dtypes = (hidden.dtype, weight.dtype)
         return loss_rows.sum() / n_valid.clamp(min=1)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):
-        hidden, weight, target, lse, n_valid = ctx.saved_tensors
-        ignore_index, vocab_start, chunk = ctx.args
-        compute = lse.dtype
-        scale = (grad_output / n_valid.clamp(min=1)).to(compute)
-        w = weight.to(compute)
-        need_h, need_w = ctx.needs_input_grad[:2]
-        grad_hidden = torch.empty_like(hidden) if need_h else None
-        grad_weight = torch.zeros_like(w) if need_w else None
-        for start in range(0, hidden.shape[0], chunk):
-            end = min(start + chunk, hidden.shape[0])
-            t = target[start:end]
-            h = hidden[start:end].to(compute)
-            logits = (hidden[start:end] @ weight.t()).to(compute)
-            g = torch.exp(logits - lse[start:end, None])
-            local = t - vocab_start
-            owned = (t != ignore_index) & (local >= 0) & (local < weight.shape[0])
-            rows = owned.nonzero().squeeze(1)
-            g[rows, local[rows]] -= 1.0
-            g *= torch.where(t != ignore_index, scale, 0.0)[:, None]
-            if need_h:
-                grad_hidden[start:end] = (g @ w).to(hidden.dtype)
-            if need_w:
-                grad_weight += g.t() @ h
-        return (
-            grad_hidden,
-            grad_weight.to(weight.dtype) if need_w else None,
-            None, None, None, None,
-        )
+        grad_hidden, grad_weight, n_valid = ctx.saved_tensors
+        dh, dw = linear_cross_entropy_backward(grad_output, grad_hidden, grad_weight, n_valid)
+        h_dtype, w_dtype = ctx.dtypes
+        return (dh.to(h_dtype) if dh is not None else None, dw.to(w_dtype) if dw is not None else None,
+                None, None, None, None, None, None)
 
 
 def _flatten_checked(hidden, weight, target, ignore_index, group):
@@ -309,7 +302,10 @@ def linear_cross_entropy_reference(hidden, weight, target, ignore_index=-100, gr
     """Chunked plain-PyTorch version of :func:`linear_cross_entropy` (same contract):
     never holds more than one logits chunk, computes in float32 or wider."""
     hidden2, target2 = _flatten_checked(hidden, weight, target, ignore_index, group)
-    return _ChunkedReferenceFunction.apply(hidden2, weight, target2, ignore_index, group, chunk_size)
+    grad_on = torch.is_grad_enabled()
+    need_h, need_w = grad_on and hidden.requires_grad, grad_on and weight.requires_grad
+    return _ChunkedReferenceFunction.apply(hidden2, weight, target2, ignore_index, group, chunk_size,
+                                           need_h, need_w)
 
 
 def linear_cross_entropy_naive(hidden, weight, target, ignore_index=-100):
