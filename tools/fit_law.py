@@ -42,8 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, metavar="DIR", help="output directory")
     ap.add_argument("--predict", metavar="N[,D]", help="target model size (and token budget)")
     ap.add_argument("--metric", default="retention/domain",
-                    help="retention metric whose fall defines the collapse (default %(default)s; "
-                    "retention/general for forgetting)")
+                    help="metric whose fall defines the collapse, an accuracy such as the "
+                    "default %(default)s (retention/general for forgetting)")
     ap.add_argument("--infusion-kind", help="which knob, when the table mixes several")
     ap.add_argument("--chance", type=_chance,
                     help="known floor of the metric, e.g. 0.2 for 4 distractors, or 'auto' for "

@@ -74,6 +74,10 @@ def predict(law: LawFit, n: float, d: float | None) -> dict:
     notes = []
     if n > max(sizes) or n < min(sizes):
         notes.append(f"extrapolates in N by {n / (max(sizes) if n > max(sizes) else min(sizes)):.3g}x")
+    if d is not None and law.use_tokens:
+        budgets = [p.tokens for p in law.points]
+        if d > max(budgets) or d < min(budgets):
+            notes.append(f"extrapolates in D by {d / (max(budgets) if d > max(budgets) else min(budgets)):.3g}x")
     if d is not None and not law.use_tokens:
         budgets = sorted({p.tokens for p in law.points})
         notes.append(f"the law has no D term (collapse points at D={budgets[0]:.4g} only); D is not used")

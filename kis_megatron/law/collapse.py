@@ -27,6 +27,9 @@ Method (the one this project documents and reports):
    (default 1/2) of the plateau above the floor: x_c = x0 + width * ln((1 - f) / f).  It is
    reported only if some measured level mean lies below that threshold and x_c lies inside
    the fitted range; otherwise the status is the matching bound, never an invented point.
+   Without a known floor, a fall seen only at the largest infusion does not measure the
+   floor: status ``floor_unobserved_lower_bound``, bounded below by the last level above
+   the threshold.
 6. Confidence interval: residual bootstrap with a fixed seed.  The residuals of the fit are
    scaled by sqrt(n / (n - p)) (least-squares shrinkage, p fitted parameters) and by
    t_{n-p} / z (the noise level is estimated from few degrees of freedom), resampled with
@@ -35,7 +38,9 @@ Method (the one this project documents and reports):
    even noise, 95% intervals covered the true point 94% of the time (86% without the
    t / z factor); with binomial accuracy noise, larger on the slope than on the plateaus
    that the pooled residuals also describe, about 85%.  The replicates are kept so that
-   the law fit can propagate them (see fit.py).
+   the law fit can propagate them (see fit.py).  When the fitted width sits at its lower
+   bound (a fall sharper than the level spacing), the interval is widened to span the
+   two levels that bracket the threshold, the finest placement the grid allows.
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ from kis_megatron.law.table import Curve
 COLLAPSE = "collapse"
 NO_COLLAPSE = "no_collapse_lower_bound"
 AT_START = "collapsed_at_start_upper_bound"
+FLOOR_UNOBSERVED = "floor_unobserved_lower_bound"
 
 _ASYMPTOTE_MARGIN = 0.1  # plateau/floor may leave the observed range by 10% of the drop
 
@@ -254,7 +260,8 @@ def detect_collapse(
     xc = fit.crossing(fraction)
     base.update(fit=fit, threshold=float(threshold))
     base["fit_range"] = (float(raw[start]), hi_inf)
-    if not np.any(means[start:] < threshold) or xc > levels[-1]:
+    below = np.flatnonzero(means[start:] < threshold) + start
+    if below.size == 0 or xc > levels[-1]:
         return CollapsePoint(
             **base, status=NO_COLLAPSE, lower_bound=hi_inf,
             note=f"retention did not fall below the threshold {threshold:.3g} within the "
@@ -264,6 +271,16 @@ def detect_collapse(
         return CollapsePoint(
             **base, status=AT_START, upper_bound=float(raw[start]),
             note="the fitted threshold crossing lies before the first fitted level",
+        )
+    first_below = int(below[0])
+    last_above = max(first_below - 1, start)
+    if chance is None and first_below == levels.size - 1:
+        # Without a known floor, one fallen level does not measure the floor, so the
+        # threshold is unknown; the collapse lies beyond the last level above it.
+        return CollapsePoint(
+            **base, status=FLOOR_UNOBSERVED, lower_bound=float(raw[last_above]),
+            note="retention falls only at the largest infusion and the floor is not "
+            "measured: give --chance or extend the infusion range",
         )
 
     fitted = prob.to_step(theta)(10**x)
@@ -276,6 +293,11 @@ def detect_collapse(
         boot[r] = prob.to_step(prob.refit(y_star, theta)).crossing(fraction)
     ci_lo, ci_hi = np.quantile(boot, [alpha, 1.0 - alpha])
     note = "collapse located inside the measured range"
+    if fit.width <= prob.lo[-1] * (1 + 1e-9):
+        # The fall is sharper than the level spacing: the data place it only between the
+        # two levels that bracket the threshold.
+        ci_lo, ci_hi = min(ci_lo, levels[last_above]), max(ci_hi, levels[first_below])
+        note += "; the fall is sharper than the level spacing, so the CI spans the bracketing levels"
     if n <= p:
         note += f"; only {n} measurements for {p} parameters: the CI is too narrow"
     return CollapsePoint(

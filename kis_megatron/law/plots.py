@@ -10,7 +10,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from kis_megatron.law.analysis import Analysis
-from kis_megatron.law.collapse import AT_START, COLLAPSE, NO_COLLAPSE
+from kis_megatron.law.collapse import COLLAPSE
 
 
 def _colors(values):
@@ -31,7 +31,7 @@ def plot_curves(a: Analysis, path: str) -> None:
     budgets = sorted({c.tokens for c in a.curves})
     ncol = min(3, len(budgets))
     nrow = -(-len(budgets) // ncol)
-    fig = Figure(figsize=(5.2 * ncol, 4.0 * nrow), layout="constrained")
+    fig = Figure(figsize=(max(6.4, 5.2 * ncol), 4.2 * nrow), layout="constrained")
     axes = fig.subplots(nrow, ncol, squeeze=False).ravel()
     color = _colors(c.model_params for c in a.curves)
     for ax, d in zip(axes, budgets):
@@ -50,9 +50,9 @@ def plot_curves(a: Analysis, path: str) -> None:
                 x = p.collapse_infusion
                 ax.errorbar([x], [y_mark], xerr=[[x - lo], [hi - x]], fmt="D", color=col,
                             mec="k", ms=7, capsize=3)
-            elif p.status == NO_COLLAPSE:
+            elif p.lower_bound is not None:
                 ax.plot([p.lower_bound], [y_mark], ">", color=col, mec="k", ms=9)
-            elif p.status == AT_START:
+            elif p.upper_bound is not None:
                 ax.plot([p.upper_bound], [y_mark], "<", color=col, mec="k", ms=9)
         if a.options.chance is not None:
             ax.axhline(a.options.chance, color="gray", ls=":", lw=1, label="chance")
@@ -63,8 +63,8 @@ def plot_curves(a: Analysis, path: str) -> None:
         ax.legend(fontsize=7)
     for ax in axes[len(budgets):]:
         ax.set_visible(False)
-    fig.suptitle("Retention curves: fitted steps, collapse points (diamonds, CI bars), "
-                 "bounds (arrows)", fontsize=9)
+    fig.suptitle("lines: fitted steps; diamonds: collapse points with CI; "
+                 "arrows: lower (>) / upper (<) bounds", fontsize=9)
     _save(fig, path)
 
 
@@ -95,9 +95,9 @@ def plot_law(a: Analysis, path: str) -> None:
             ax.errorbar([x], [y], yerr=[[y - p.ci[0]], [p.ci[1] - y]], fmt="o", color=col,
                         capsize=3, label=None if labelled else "collapse points")
             labelled = True
-        elif p.status == NO_COLLAPSE:
+        elif p.lower_bound is not None:
             ax.plot([p.model_params], [p.lower_bound], "^", color=col, mfc="none", ms=9)
-        elif p.status == AT_START:
+        elif p.upper_bound is not None:
             ax.plot([p.model_params], [p.upper_bound], "v", color=col, mfc="none", ms=9)
     if a.heldout.get("possible"):
         for i, h in enumerate(a.heldout["points"]):

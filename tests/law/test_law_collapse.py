@@ -6,6 +6,7 @@ import pytest
 from kis_megatron.law.collapse import (
     AT_START,
     COLLAPSE,
+    FLOOR_UNOBSERVED,
     NO_COLLAPSE,
     detect_collapse,
     step_curve,
@@ -117,6 +118,25 @@ def test_fall_that_stays_above_the_threshold_gives_a_lower_bound(true_retention)
     assert y.min() > 0.55
     cp = detect_collapse(curve(LEVELS, y), chance=0.2, n_boot=20)
     assert cp.status == NO_COLLAPSE and cp.lower_bound == LEVELS[-1]
+
+
+def test_fall_at_the_last_level_without_known_floor_gives_a_lower_bound():
+    x = [1, 2, 4, 8, 16, 32]
+    y = [0.90, 0.91, 0.89, 0.90, 0.88, 0.55]
+    cp = detect_collapse(curve(x, y), n_boot=20)  # floor unknown: where is "half"?
+    assert cp.status == FLOOR_UNOBSERVED and cp.lower_bound == 16 and cp.collapse_infusion is None
+    known = detect_collapse(curve(x, y), chance=0.2, n_boot=20)  # now 0.55 is below half
+    assert known.status == COLLAPSE and 16 < known.collapse_infusion < 32
+
+
+def test_fall_sharper_than_the_grid_gets_the_bracketing_levels_as_ci():
+    # A cliff between 100 and 1000 and nothing measured on it: the data cannot tell where
+    # in that decade the collapse is, and the interval must say so.
+    x = np.repeat([1.0, 10.0, 100.0, 1000.0, 10_000.0], 2)
+    y = np.array([0.90, 0.92, 0.91, 0.89, 0.90, 0.91, 0.21, 0.19, 0.20, 0.22])
+    cp = detect_collapse(curve(x, y), chance=0.2, n_boot=50)
+    assert cp.status == COLLAPSE and 100 < cp.collapse_infusion < 1000
+    assert cp.ci[0] <= 100.0 * (1 + 1e-9) and cp.ci[1] >= 1000.0 * (1 - 1e-9)
 
 
 def test_curve_at_chance_throughout_gives_an_upper_bound():
