@@ -261,7 +261,7 @@ def detect_collapse(
     base.update(fit=fit, threshold=float(threshold))
     base["fit_range"] = (float(raw[start]), hi_inf)
     below = np.flatnonzero(means[start:] < threshold) + start
-    if below.size == 0 or xc > levels[-1]:
+    if below.size == 0 or xc > levels[-1] or fit.plateau <= fit.floor:
         return CollapsePoint(
             **base, status=NO_COLLAPSE, lower_bound=hi_inf,
             note=f"retention did not fall below the threshold {threshold:.3g} within the "
