@@ -14,6 +14,7 @@ excludes padding and so differs slightly between runs of one budget.
 
 from __future__ import annotations
 
+import bisect
 import glob as globlib
 import json
 import math
@@ -111,8 +112,8 @@ def _read_jsonl(path: str) -> list[dict]:
             if i == len(lines):  # a last line cut off by a killed writer: ignore it
                 continue
             raise LawInputError(f"{path} line {i} is not valid JSON; fix or remove it") from None
-        if not isinstance(rec, dict) or "step" not in rec:
-            raise LawInputError(f"{path} line {i} is not a JSON object with a 'step'")
+        if not isinstance(rec, dict) or not isinstance(rec.get("step"), (int, float)):
+            raise LawInputError(f"{path} line {i} is not a JSON object with a numeric 'step'")
         records.append(rec)
     return records
 
@@ -200,8 +201,8 @@ def read_run(run_dir: str, all_evals: bool = False) -> tuple[list[dict], str | N
     train_steps = sorted(train)
     rows = []
     for step in steps:
-        before = [s for s in train_steps if s <= step]
-        last_train = train[before[-1]] if before else {}
+        i = bisect.bisect_right(train_steps, step)  # the last training line at or before step
+        last_train = train[train_steps[i - 1]] if i else {}
         if info.get("tokens_per_step"):
             tokens = float(info["tokens_per_step"]) * step
         elif "tokens_total" in last_train:
