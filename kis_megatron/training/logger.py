@@ -93,7 +93,7 @@ class MetricsLogger:
             return
         if self._bar is not None:
             self._bar.write(text)
-        elif self.mode != "none":
+        else:  # notes (resume, data repeats) are shown even without progress lines
             print(text, flush=True)
 
     def close(self) -> None:
