@@ -8,7 +8,6 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 from kis_megatron.config import LogConfig
 from kis_megatron.utils import atomic_write_text

@@ -1,7 +1,6 @@
 """End-to-end trainer behaviour on CPU: learning, exact resume, kill-safety, clear errors."""
 
 import json
-import os
 import signal
 import subprocess
 import sys

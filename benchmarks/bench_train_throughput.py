@@ -6,7 +6,7 @@ and the same optimizer (torch AdamW, same hyper-parameters), and are timed in th
 process, alternating, after warm-up. One step = forward + backward + clip + AdamW step,
 over ``--accum`` micro-batches, exactly what ``Trainer.train_step`` does.
 
-    python benchmarks/train_throughput.py --threads 2 --out benchmarks/RESULTS.md
+    python benchmarks/bench_train_throughput.py --threads 2 --out benchmarks/RESULTS.md
 
 Prints a Markdown table (device, versions, date) and appends it to ``--out`` when given.
 """
@@ -118,7 +118,7 @@ def main(argv=None) -> int:
         f"- shape: dim {args.dim}, {args.layers} layers, {args.heads} heads / {args.kv_heads} KV heads, "
         f"vocab {args.vocab}, seq {args.seq}, batch {args.micro} x {args.accum} accumulation "
         f"({n_ours / 1e6:.2f}M parameters), fp32, AdamW, median of {args.steps} steps",
-        f"- command: `python benchmarks/train_throughput.py --threads {args.threads}`",
+        f"- command: `python benchmarks/bench_train_throughput.py --threads {args.threads}`",
         "",
         "| implementation | step time (s) | tokens/s |",
         "|---|---|---|",

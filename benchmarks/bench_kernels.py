@@ -8,9 +8,9 @@ ideal bytes an op must move, divided by its time) next to the device-to-device c
 bandwidth measured in the same run; for the compute-bound linear_cross_entropy it
 reports TFLOP/s (6 * tokens * hidden * vocab per step) instead.
 
-    python benchmarks/kernels.py --out benchmarks/results_kernels.md      # GPU, bf16
-    python benchmarks/kernels.py --device cpu                              # smoke check only
-    KIS_KERNELS=triton TRITON_INTERPRET=1 python benchmarks/kernels.py --device cpu
+    python benchmarks/bench_kernels.py --out benchmarks/results_kernels.md      # GPU, bf16
+    python benchmarks/bench_kernels.py --device cpu                              # smoke check only
+    KIS_KERNELS=triton TRITON_INTERPRET=1 python benchmarks/bench_kernels.py --device cpu
                                                          # smoke check of the Triton code
 
 CPU numbers are only a check that the script runs (tiny shapes, the reference path or
@@ -34,12 +34,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-# This file is benchmarks/kernels.py: its own folder, which Python puts first on sys.path,
-# must not shadow the `kernels` package; the repository root goes there instead, so the
-# script also runs from a plain checkout.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [os.path.dirname(_HERE)] + [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
-import kernels  # noqa: E402
+import kernels
 
 GPU_SHAPES = {
     "tokens": 8192,  # batch 2 x seq 4096

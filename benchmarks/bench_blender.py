@@ -6,8 +6,8 @@ many documents per window) with the real IndexedDatasetWriter into a temp dir, t
 ``next_batch`` at realistic shapes (seq_len 2048, global batch 64..512) and at the tiny
 CPU ladder's shape (seq_len 64, batch 64). Prints a Markdown table with machine info.
 
-    python benchmarks/blender.py                     # ~2 minutes on 2 cores
-    python benchmarks/blender.py --general-mb 50 --out /tmp/r.md
+    python benchmarks/bench_blender.py                     # ~2 minutes on 2 cores
+    python benchmarks/bench_blender.py --general-mb 50 --out /tmp/r.md
 
 Columns: microseconds per global batch served whole by one process (dp=1), the same for
 rank 0 of an 8-way data-parallel run (plan and statistics of the whole batch, windows of
