@@ -138,7 +138,7 @@ def train_command(sweep: Sweep, run: SweepRun, launcher: str = "python") -> list
     if launcher == "python":
         return [sys.executable, "-m", "kis_megatron.train", *args]
     if launcher == "torchrun":
-        return ["torchrun", "--nnodes=${NNODES:-1}", "--nproc-per-node=${NPROC_PER_NODE:-8}",
+        return ["torchrun", "--nnodes=${NNODES:-1}", "--nproc-per-node=${NPROC_PER_NODE:-1}",
                 "--rdzv-backend=c10d", "--rdzv-endpoint=${MASTER_ADDR:-127.0.0.1}:${MASTER_PORT:-29500}",
                 "-m", "kis_megatron.train", *args]
     raise ConfigError(f"unknown launcher {launcher!r}")
@@ -149,13 +149,13 @@ def print_launch(sweep: Sweep, kind: str) -> str:
     todo = [r for r in sweep.runs if run_status(r) != "finished"]
     if kind == "torchrun":
         lines = ["# one line per run; run each on its node(s) with NNODES, NPROC_PER_NODE,",
-                 "# MASTER_ADDR and MASTER_PORT set (examples/launch/torchrun_multinode.sh)"]
+                 "# MASTER_ADDR and MASTER_PORT set"]
         lines += [" ".join(_quote(a) for a in train_command(sweep, r, "torchrun")) for r in todo]
         return "\n".join(lines) + "\n"
     if kind == "slurm":
         lines = ["# a SLURM array: one task per run (examples/launch/sweep_array.sbatch reads this list)",
                  f"# sbatch --array=0-{max(len(todo) - 1, 0)} examples/launch/sweep_array.sbatch RUNS_FILE"]
-        lines += [" ".join(_quote(a) for a in train_command(sweep, r, "torchrun")[1:]) for r in todo]
+        lines += [" ".join(_quote(a) for a in train_command(sweep, r, "python")[1:]) for r in todo]
         return "\n".join(lines) + "\n"
     raise ConfigError(f"--print-launch takes torchrun or slurm, not {kind!r}")
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -65,6 +66,7 @@ class Trainer:
         if t.threads > 0:
             torch.set_num_threads(t.threads)
         self.device = resolve_device(t.device)
+        _refuse_unbuilt_parallelism(cfg)
         if t.global_batch % (t.micro_batch * dp_size):
             raise ConfigError(f"train.global_batch={t.global_batch} must be a multiple of "
                               f"micro_batch * dp = {t.micro_batch * dp_size}")
@@ -229,6 +231,20 @@ class Trainer:
             log.close()
         self.write_run_info("finished" if self.step == cfg.train.steps else "stopped")
         return last_eval
+
+
+def _refuse_unbuilt_parallelism(cfg: Config) -> None:
+    """Until tensor/pipeline/data parallelism lands, a layout that asks for it must fail
+    loudly rather than train N independent copies or silently ignore parallel.*."""
+    p = cfg.parallel
+    if p.tp > 1 or p.pp > 1 or p.vpp > 1 or p.sp:
+        raise ConfigError("parallel.tp/pp/vpp/sp: this version trains on one process only "
+                          "(tensor, pipeline and sequence parallelism are not built yet); "
+                          "set parallel.tp=1 parallel.pp=1 parallel.vpp=1 parallel.sp=false")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        raise ConfigError(f"WORLD_SIZE={world}: this version trains on one process only (data "
+                          "parallelism is not built yet); launch one process per run")
 
 
 def _mean_over_ranks(x: torch.Tensor) -> torch.Tensor:

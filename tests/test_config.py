@@ -13,6 +13,7 @@ def test_defaults_preset_yaml_and_overrides_merge_in_order(tmp_path):
     assert cfg.model.vocab_size == PRESETS["tiny"]["vocab_size"]  # preset beats the default
     assert cfg.train.steps == 9 and cfg.infusion.ratio == 0.25 and cfg.log.dir == "/x/y"
     assert isinstance(cfg.train.lr, float)
+    assert load_config(None, ["train.lr=1e-4"]).train.lr == 1e-4  # YAML 1.1 reads 1e-4 as text
 
 
 @pytest.mark.parametrize("overrides, key", [
