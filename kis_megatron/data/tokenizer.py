@@ -16,12 +16,12 @@ import hashlib
 import io
 import os
 import re
-import secrets
 from typing import Iterable, Sequence
 
 import sentencepiece as spm
 
 from kis_megatron.data.errors import DataError
+from kis_megatron.utils import atomic_write_bytes
 
 __all__ = ["Tokenizer", "train_tokenizer", "UNK_ID", "BOS_ID", "EOS_ID", "PAD_ID"]
 
@@ -39,19 +39,6 @@ def _has_text(path: str) -> bool:
                 return False
             if chunk.strip():
                 return True
-
-
-def _atomic_write_bytes(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-    try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _clean_sp_error(err: Exception) -> str:
@@ -153,8 +140,8 @@ def train_tokenizer(
     vocab = "".join(
         f"{sp.id_to_piece(i)}\t{sp.get_score(i):g}\n" for i in range(sp.get_piece_size())
     )
-    _atomic_write_bytes(model_prefix + ".vocab", vocab.encode("utf-8"))
-    _atomic_write_bytes(model_prefix + ".model", model)
+    atomic_write_bytes(model_prefix + ".vocab", vocab.encode("utf-8"))
+    atomic_write_bytes(model_prefix + ".model", model)
     return model_prefix + ".model"
 
 
