@@ -22,7 +22,7 @@ import time
 import torch
 
 from kis_megatron.config import ModelConfig, TrainConfig
-from kis_megatron.model.llama import build_model
+from kis_megatron.model.llama import build_model, compile_blocks
 from kis_megatron.training.optim import build_optimizer
 
 
@@ -78,6 +78,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--compile", action="store_true",
+                    help="also time both models with each transformer block torch.compiled")
     ap.add_argument("--out", help="append the Markdown result to this file")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -97,6 +99,16 @@ def main(argv=None) -> int:
         "HF LlamaForCausalLM": step_fn(theirs, build_optimizer(theirs, tcfg, cpu), tokens, args.micro,
                                        args.accum, False),
     }
+    if args.compile:  # both sides compiled the same way: each transformer block
+        ours_c = build_model(cfg, seed=0)
+        compile_blocks(ours_c)
+        theirs_c = hf_model(cfg, ours.dims.ffn_dim)
+        for layer in theirs_c.model.layers:
+            layer.compile()
+        steps["kis-megatron, train.compile=true"] = step_fn(
+            ours_c, build_optimizer(ours_c, tcfg, cpu), tokens, args.micro, args.accum, True)
+        steps["HF LlamaForCausalLM, blocks compiled"] = step_fn(
+            theirs_c, build_optimizer(theirs_c, tcfg, cpu), tokens, args.micro, args.accum, False)
     for s in steps.values():
         time_steps(s, args.warmup)
     times = {k: [] for k in steps}
@@ -107,6 +119,11 @@ def main(argv=None) -> int:
     med = {k: statistics.median(v) for k, v in times.items()}
     tps = {k: tokens_per_step / v for k, v in med.items()}
     ratio = tps["kis-megatron"] / tps["HF LlamaForCausalLM"]
+    ratios = [f"eager / eager: **{ratio:.2f}x**"]
+    if args.compile:
+        c = "kis-megatron, train.compile=true"
+        ratios.append(f"ours compiled / HF eager: **{tps[c] / tps['HF LlamaForCausalLM']:.2f}x**")
+        ratios.append(f"compiled / compiled: **{tps[c] / tps['HF LlamaForCausalLM, blocks compiled']:.2f}x**")
 
     import transformers
 
@@ -118,13 +135,14 @@ def main(argv=None) -> int:
         f"- shape: dim {args.dim}, {args.layers} layers, {args.heads} heads / {args.kv_heads} KV heads, "
         f"vocab {args.vocab}, seq {args.seq}, batch {args.micro} x {args.accum} accumulation "
         f"({n_ours / 1e6:.2f}M parameters), fp32, AdamW, median of {args.steps} steps",
-        f"- command: `python benchmarks/bench_train_throughput.py --threads {args.threads}`",
+        f"- command: `python benchmarks/bench_train_throughput.py --threads {args.threads} --steps {args.steps}"
+        f"{' --compile' if args.compile else ''}` (compilation happens in the warm-up steps)",
         "",
         "| implementation | step time (s) | tokens/s |",
         "|---|---|---|",
     ]
     lines += [f"| {k} | {med[k]:.3f} | {tps[k]:,.0f} |" for k in steps]
-    lines += ["", f"Ratio kis-megatron / HF: **{ratio:.2f}x**", ""]
+    lines += ["", "Tokens/s ratio kis-megatron / HF: " + "; ".join(ratios), ""]
     text = "\n".join(lines)
     print(text)
     if args.out:

@@ -96,6 +96,7 @@ class TrainConfig:
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
     threads: int = 0  # torch intra-op threads on CPU; 0 = leave torch's default
     stop_after: int = 0  # end this job after that step (checkpointed), e.g. under a time limit
+    compile: bool = False  # torch.compile each transformer block (torchtitan's per-block style)
 
 
 @dataclass

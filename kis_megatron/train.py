@@ -31,7 +31,7 @@ import torch
 from kis_megatron.config import Config, ConfigError, load_config, save_config
 from kis_megatron.data.errors import DataError
 from kis_megatron.data.stream import TrainStream, build_train_stream, build_validation_windows
-from kis_megatron.model.llama import Transformer, build_model
+from kis_megatron.model.llama import Transformer, build_model, compile_blocks
 from kis_megatron.training.checkpoint import CheckpointError, CheckpointManager, set_rng_state
 from kis_megatron.training.logger import MetricsLogger
 from kis_megatron.training.optim import build_optimizer, build_scheduler
@@ -82,6 +82,8 @@ class Trainer:
         self.val_windows = build_validation_windows(cfg)
         torch.manual_seed(t.seed)
         self.model: Transformer = build_model(cfg.model, seed=t.seed, device=self.device)
+        if t.compile:
+            compile_blocks(self.model)
         self.optimizer = build_optimizer(self.model, t, self.device)
         self.scheduler = build_scheduler(self.optimizer, t)
         self.step = 0

@@ -196,6 +196,15 @@ class Transformer(nn.Module):
         return 6.0 * matmul_params + 12.0 * d.n_layers * d.dim * seq_len
 
 
+def compile_blocks(model: Transformer) -> None:
+    """torch.compile each transformer block in place (parameter names are unchanged, so
+    checkpoints and the optimizer do not notice). Per block rather than the whole model:
+    the blocks are identical, so one compilation serves all, and a pipeline stage compiles
+    only the blocks it owns."""
+    for block in model.layers.values():
+        block.compile()
+
+
 def build_model(cfg: ModelConfig, seed: int, device: str | torch.device = "cpu") -> Transformer:
     """The model initialised from ``seed`` alone, so every layout (and a resumed or
     tensor-parallel run) starts from the same weights."""
