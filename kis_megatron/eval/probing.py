@@ -44,3 +44,33 @@ class ProbeRunner:
                     metrics[f"retention_recall/{name}"] = metrics[f"retention/{name}"]
                     metrics[f"retention/{name}"] = metrics[f"retention_heldout/{name}"]
         return metrics
+
+
+def evaluate_checkpoint(run_dir: str | Path, checkpoint: str | Path | None = None,
+                        probes: dict[str, str] | None = None, exact_match: bool = False,
+                        device: str = "auto") -> dict:
+    """Retention metrics of a saved checkpoint of a run, with the run's own config and
+    tokenizer: the latest checkpoint unless one is named, the run's ``eval.probes`` unless
+    other probe files are given (so any checkpoint can be scored on any fixed probe set)."""
+    from kis_megatron.config import load_config
+    from kis_megatron.model.llama import build_model
+    from kis_megatron.train import resolve_device
+    from kis_megatron.training.checkpoint import CheckpointError, CheckpointManager
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
+    cfg = load_config(run_dir / "config.yaml")
+    if probes:
+        cfg.eval.probes = dict(probes)
+    if not cfg.eval.probes:
+        raise ConfigError("no probe files: the run has no eval.probes; pass --probes name=path")
+    cfg.eval.exact_match = exact_match
+    path = Path(checkpoint) if checkpoint else CheckpointManager(run_dir / "checkpoints").latest()
+    if path is None:
+        raise CheckpointError(f"{run_dir / 'checkpoints'} holds no complete checkpoint")
+    dev = resolve_device(device)
+    model = build_model(cfg.model, seed=cfg.train.seed, device=dev)
+    extra = CheckpointManager(path.parent).load(path, model, optimizer=None)
+    model.eval()
+    return {"step": extra["step"], "checkpoint": str(path), **ProbeRunner(cfg, dev).run(model)}

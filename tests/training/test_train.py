@@ -138,3 +138,15 @@ def test_existing_run_dir_is_not_overwritten(world_corpus, tmp_path):
     proc = run_cli(*tiny_overrides(world_corpus, run, **{"train.steps": 2}))
     assert proc.returncode == 2 and "checkpoint.resume=auto" in proc.stderr
     assert (run / "metrics.jsonl").read_text() == before
+
+
+def test_shards_made_with_another_tokenizer_are_refused(world_corpus, tmp_path):
+    text = tmp_path / "other.txt"
+    text.write_text("".join(f"line {i} of another corpus with other words\n" for i in range(300)))
+    other = subprocess.run([sys.executable, str(ROOT / "tools/train_tokenizer.py"), "--input", str(text),
+                            "--model-prefix", str(tmp_path / "other"), "--vocab-size", "300"],
+                           capture_output=True, text=True)
+    assert other.returncode == 0, other.stderr
+    proc = run_cli(*tiny_overrides(world_corpus, tmp_path / "run",
+                                   **{"data.tokenizer": str(tmp_path / "other.model")}))
+    assert proc.returncode == 2 and "tokenized with" in proc.stderr and "Traceback" not in proc.stderr
