@@ -8,7 +8,7 @@ ideal bytes an op must move, divided by its time) next to the device-to-device c
 bandwidth measured in the same run; for the compute-bound linear_cross_entropy it
 reports TFLOP/s (6 * tokens * hidden * vocab per step) instead.
 
-    python benchmarks/bench_kernels.py --out benchmarks/results_kernels.md      # GPU, bf16
+    python benchmarks/bench_kernels.py --out benchmarks/RESULTS.md      # GPU, bf16
     python benchmarks/bench_kernels.py --device cpu                              # smoke check only
     KIS_KERNELS=triton TRITON_INTERPRET=1 python benchmarks/bench_kernels.py --device cpu
                                                          # smoke check of the Triton code

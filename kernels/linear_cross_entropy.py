@@ -238,15 +238,22 @@ class _ChunkedReferenceFunction(torch.autograd.Function):
             owned = valid & (local >= 0) & (local < vocab_local)
             idx = local.clamp(0, vocab_local - 1)[:, None]
             picked = logits.gather(1, idx).squeeze(1)
-            row_max = logits.max(dim=1).values
-            logits.sub_(row_max[:, None]).exp_()  # in place: exp(logits - row max)
-            row_sumexp = logits.sum(dim=1)
             row_target = torch.where(owned, picked, 0.0)
-            chunk_lse, tgt = _global_lse(row_max, row_sumexp, row_target, group)
+            if group is None:  # fewest passes over the chunk: fused logsumexp, then one exp
+                chunk_lse, tgt = torch.logsumexp(logits, dim=1), row_target
+                logits.sub_(chunk_lse[:, None])
+            else:  # the max and the sum of exponentials are reduced across the vocab shards
+                row_max = logits.max(dim=1).values
+                logits.sub_(row_max[:, None])
+                row_sumexp = logits.exp().sum(dim=1)
+                chunk_lse, tgt = _global_lse(row_max, row_sumexp, row_target, group)
+                logits.sub_((chunk_lse - row_max)[:, None])
             loss_rows[start:end] = torch.where(valid, chunk_lse - tgt, 0.0)
             if need_h or need_w:
                 # d(sum of losses)/d logits = softmax - one_hot(target), zero for ignored rows
-                logits.mul_(torch.where(valid, torch.exp(row_max - chunk_lse), 0.0)[:, None])
+                logits.exp_()
+                if not bool(valid.all()):
+                    logits.mul_(valid.to(compute)[:, None])
                 logits.scatter_add_(1, idx, -owned.to(compute)[:, None])
                 if need_h:
                     grad_hidden[start:end] = logits @ w
