@@ -37,6 +37,7 @@ class ModelConfig:
     tie_embeddings: bool = False
     init_std: float = 0.02
     kernels: bool = True  # fused ops (Triton on CUDA); False = plain PyTorch everywhere
+    init_from: Optional[str] = None  # "hf:DIR": start from a Hugging Face Llama checkpoint
 
 
 @dataclass
@@ -45,6 +46,7 @@ class ParallelConfig:
     pp: int = 1
     vpp: int = 1
     sp: bool = False
+    timeout_s: int = 600  # longest wait on a collective before a rank gives up (a dead peer)
 
 
 @dataclass
@@ -277,7 +279,7 @@ def validate(cfg: Config) -> None:
     _check((m.dim // m.n_heads) % 2 == 0, "model.dim", "head dim (dim / n_heads) must be even for RoPE")
     _check(kv > 0 and m.n_heads % kv == 0, "model.n_kv_heads",
            f"n_heads={m.n_heads} must be a multiple of n_kv_heads={kv}")
-    for k in ("tp", "pp", "vpp"):
+    for k in ("tp", "pp", "vpp", "timeout_s"):
         _check(getattr(cfg.parallel, k) >= 1, f"parallel.{k}", "must be >= 1")
     _check(cfg.data.seq_len > 0, "data.seq_len", "must be positive")
     _check(cfg.data.seq_len <= m.max_seq_len, "data.seq_len",

@@ -149,7 +149,7 @@ def print_launch(sweep: Sweep, kind: str) -> str:
     todo = [r for r in sweep.runs if run_status(r) != "finished"]
     if kind == "torchrun":
         lines = ["# one line per run; run each on its node(s) with NNODES, NPROC_PER_NODE,",
-                 "# MASTER_ADDR and MASTER_PORT set"]
+                 "# MASTER_ADDR and MASTER_PORT set (or use examples/launch/torchrun_multinode.sh)"]
         lines += [" ".join(_quote(a) for a in train_command(sweep, r, "torchrun")) for r in todo]
         return "\n".join(lines) + "\n"
     if kind == "slurm":

@@ -2,11 +2,13 @@
 
 Single process on CPU::
 
-    kis-train --config examples/tiny_cpu.yaml train.steps=200
+    kis-train --config examples/tiny_cpu/train.yaml train.steps=200
 
-On a GPU node, or across nodes (the same command under torchrun)::
+Data parallel on a GPU node (one process per GPU), or across nodes, under torchrun::
 
-    torchrun --nproc-per-node 8 -m kis_megatron.train --config examples/gpu_ladder/125m.yaml
+    torchrun --nproc-per-node 8 -m kis_megatron.train --config examples/gpu_ladder/base.yaml ...
+    torchrun --nnodes 4 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \
+        -m kis_megatron.train --config ...
 
 The loop: the infusion blender hands each data-parallel rank its slice of the global batch
 (``kis_megatron.data.stream``), the model returns the mean loss of each micro-batch, gradients
@@ -20,7 +22,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -31,7 +32,10 @@ import torch
 from kis_megatron.config import Config, ConfigError, load_config, save_config
 from kis_megatron.data.errors import DataError
 from kis_megatron.data.stream import TrainStream, build_train_stream, build_validation_windows
+from kis_megatron.interop.hf import load_init
 from kis_megatron.model.llama import Transformer, build_model, compile_blocks
+from kis_megatron.parallel.data_parallel import apply_ddp, no_grad_sync
+from kis_megatron.parallel.dims import ParallelDims, destroy_distributed, init_distributed
 from kis_megatron.training.checkpoint import CheckpointError, CheckpointManager, set_rng_state
 from kis_megatron.training.logger import MetricsLogger
 from kis_megatron.training.optim import build_optimizer, build_scheduler
@@ -57,16 +61,20 @@ def autocast_context(device: torch.device, dtype: str):
 
 
 class Trainer:
-    def __init__(self, cfg: Config, dp_rank: int = 0, dp_size: int = 1):
+    def __init__(self, cfg: Config):
         self.cfg = cfg
+        self.dims = ParallelDims.from_env(cfg.parallel)
+        dp_rank, dp_size = self.dims.dp_rank, self.dims.dp
         self.dp_rank, self.dp_size = dp_rank, dp_size
-        self.is_main = dp_rank == 0
+        self.is_main = self.dims.is_main
         self.run_dir = Path(cfg.log.dir)
         t = cfg.train
         if t.threads > 0:
             torch.set_num_threads(t.threads)
         self.device = resolve_device(t.device)
-        _refuse_unbuilt_parallelism(cfg)
+        if self.device.type == "cuda" and self.dims.world_size > 1:
+            self.device = torch.device("cuda", self.dims.local_rank)
+        init_distributed(self.dims, self.device, cfg.parallel.timeout_s)
         if t.global_batch % (t.micro_batch * dp_size):
             raise ConfigError(f"train.global_batch={t.global_batch} must be a multiple of "
                               f"micro_batch * dp = {t.micro_batch * dp_size}")
@@ -82,14 +90,18 @@ class Trainer:
         self.val_windows = build_validation_windows(cfg)
         torch.manual_seed(t.seed)
         self.model: Transformer = build_model(cfg.model, seed=t.seed, device=self.device)
+        if cfg.model.init_from: load_init(self.model, cfg.model.init_from)
         if t.compile:
             compile_blocks(self.model)
+        self.train_module = apply_ddp(self.model, self.dims, self.device)
         self.optimizer = build_optimizer(self.model, t, self.device)
         self.scheduler = build_scheduler(self.optimizer, t)
         self.step = 0
         if resume_from is not None:
             self._load(resume_from)
         self.probes = self._build_probes()
+        if self.dims.world_size > 1:  # every rank has checked the run dir before any writes
+            torch.distributed.barrier()
 
     # ---------------------------------------------------------------- resume
 
@@ -160,9 +172,10 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         for i in range(self.accum):
             chunk = tokens[i * mb:(i + 1) * mb]
-            with autocast_context(self.device, self.cfg.train.dtype):
-                loss = self.model(chunk[:, :-1], chunk[:, 1:])
-            (loss / self.accum).backward()
+            with no_grad_sync(self.train_module, last_micro_batch=i == self.accum - 1):
+                with autocast_context(self.device, self.cfg.train.dtype):
+                    loss = self.train_module(chunk[:, :-1], chunk[:, 1:])
+                (loss / self.accum).backward()
             total += loss.detach().float()
         loss = _mean_over_ranks(total / self.accum)
         clip = self.cfg.train.grad_clip or math.inf
@@ -235,20 +248,6 @@ class Trainer:
         return last_eval
 
 
-def _refuse_unbuilt_parallelism(cfg: Config) -> None:
-    """Until tensor/pipeline/data parallelism lands, a layout that asks for it must fail
-    loudly rather than train N independent copies or silently ignore parallel.*."""
-    p = cfg.parallel
-    if p.tp > 1 or p.pp > 1 or p.vpp > 1 or p.sp:
-        raise ConfigError("parallel.tp/pp/vpp/sp: this version trains on one process only "
-                          "(tensor, pipeline and sequence parallelism are not built yet); "
-                          "set parallel.tp=1 parallel.pp=1 parallel.vpp=1 parallel.sp=false")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        raise ConfigError(f"WORLD_SIZE={world}: this version trains on one process only (data "
-                          "parallelism is not built yet); launch one process per run")
-
-
 def _mean_over_ranks(x: torch.Tensor) -> torch.Tensor:
     """The loss reported is the global-batch mean: average the data-parallel ranks' means."""
     import torch.distributed as dist
@@ -261,7 +260,10 @@ def _mean_over_ranks(x: torch.Tensor) -> torch.Tensor:
 
 def train(cfg: Config) -> dict:
     """Run training as configured; returns the final evaluation record."""
-    return Trainer(cfg).fit()
+    try:
+        return Trainer(cfg).fit()
+    finally:
+        destroy_distributed()
 
 
 def main(argv: Optional[list[str]] = None) -> int:

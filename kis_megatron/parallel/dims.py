@@ -1,0 +1,72 @@
+"""The parallel layout of a run: how the world of processes splits into data, pipeline and
+tensor parallel groups, validated once and turned into a named DeviceMesh.
+
+torchrun sets WORLD_SIZE, RANK and LOCAL_RANK; ``parallel.tp`` and ``parallel.pp`` come from
+the config and data parallelism takes the rest (dp = world / (tp * pp)). This version
+builds the data-parallel dimension; tensor and pipeline parallelism are refused with a
+clear error until they exist, so no layout ever trains silently in another shape.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from kis_megatron.config import ConfigError, ParallelConfig
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    world_size: int
+    rank: int
+    local_rank: int
+    dp: int
+    tp: int = 1
+    pp: int = 1
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // (self.tp * self.pp)  # dp is the outermost dimension
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls, cfg: ParallelConfig) -> "ParallelDims":
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if cfg.tp > 1 or cfg.pp > 1 or cfg.vpp > 1 or cfg.sp:
+            raise ConfigError("parallel.tp/pp/vpp/sp: tensor, pipeline and sequence parallelism "
+                              "are not built yet; this version runs data parallel only (set "
+                              "parallel.tp=1 parallel.pp=1 parallel.vpp=1 parallel.sp=false and "
+                              "launch one process per GPU with torchrun)")
+        if world % (cfg.tp * cfg.pp):
+            raise ConfigError(f"world size {world} is not a multiple of parallel.tp * parallel.pp = "
+                              f"{cfg.tp * cfg.pp}")
+        return cls(world_size=world, rank=rank, local_rank=local, dp=world // (cfg.tp * cfg.pp),
+                   tp=cfg.tp, pp=cfg.pp)
+
+
+def init_distributed(dims: ParallelDims, device: torch.device, timeout_s: int) -> Optional[dist.ProcessGroup]:
+    """Join the process group torchrun describes (NCCL on CUDA, gloo on CPU). A timeout on
+    every collective bounds how long a rank waits for a peer that died."""
+    if dims.world_size == 1:
+        return None
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(dims.local_rank)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return dist.group.WORLD
+
+
+def destroy_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
