@@ -13,6 +13,10 @@
   (``PreTrainedTokenizerFast``, which loads ``tokenizer.json`` as is in transformers 4 and 5),
   ``add_bos_token``/``add_eos_token`` false, and the unk/bos/eos/pad pieces of the model.
 
+One known difference, unigram models only: HF's Unigram lattice can match the literal text of a
+control piece (say ``</s>`` typed inside a document) where SentencePiece would spell it out
+in byte pieces; BPE models (the project's default) match SentencePiece on any text.
+
 A normalization the rebuilt pipeline cannot reproduce exactly (any rule other than identity,
 or ``remove_extra_whitespaces``) is refused, never approximated.
 """
@@ -91,11 +95,8 @@ def build_tokenizer_json(model_path: str | Path):
         model = BPE(vocab=vocab, merges=_bpe_merges(pieces, types), unk_token=unk,
                     fuse_unk=True, byte_fallback=trainer.byte_fallback)
     elif trainer.model_type == _UNIGRAM:
-        # SentencePiece never matches control, unknown, unused or byte pieces against text;
-        # a score no path would choose keeps HF's Viterbi from matching them either.
-        never = (_CONTROL, _UNKNOWN, _UNUSED, _BYTE)
-        vocab = [(p.piece, -1e9 if p.type in never else p.score) for p in proto.pieces]
-        model = Unigram(vocab, unk_id=trainer.unk_id, byte_fallback=trainer.byte_fallback)
+        model = Unigram([(p.piece, p.score) for p in proto.pieces], unk_id=trainer.unk_id,
+                        byte_fallback=trainer.byte_fallback)
     else:
         raise TokenizerExportError(f"{model_path}: only BPE and unigram sentencepiece models "
                                    "can be exported")

@@ -1,0 +1,227 @@
+"""Hugging Face export/import: a tiny GQA model of ours (tied and untied), trained two steps,
+must give HF's own LlamaForCausalLM the same logits, greedy generations and token ids."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach the network
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from _corpus import ROOT, tiny_overrides  # noqa: E402
+from kis_megatron.config import ModelConfig, load_config  # noqa: E402
+from kis_megatron.data.tokenizer import Tokenizer  # noqa: E402
+from kis_megatron.interop.hf import InteropError, export_hf, import_hf, load_init  # noqa: E402
+from kis_megatron.model.llama import Transformer  # noqa: E402
+from kis_megatron.train import Trainer  # noqa: E402
+
+transformers = pytest.importorskip("transformers")
+
+SENTENCES = [
+    "Panmilo Renfeson came into the world in 1950",
+    "  two  leading spaces, é ü 中文 and 12345 digits",
+    "Tabs\tand\nnew lines; </s> is only text here.",
+    "x",
+]
+
+
+def _train(world_corpus, run_dir, tied: bool) -> Trainer:
+    # init_std 0.1 makes logits spread enough that greedy argmax is never a near-tie.
+    cfg = load_config(None, tiny_overrides(world_corpus, run_dir, **{
+        "train.steps": 2, "model.tie_embeddings": tied, "model.init_std": 0.1}))
+    trainer = Trainer(cfg)
+    trainer.fit()
+    trainer.model.eval()
+    return trainer
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["untied", "tied"])
+def exported(request, world_corpus, tmp_path_factory):
+    d = tmp_path_factory.mktemp("tied" if request.param else "untied")
+    trainer = _train(world_corpus, d / "run", tied=request.param)
+    export_hf(d / "run", d / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(d / "hf", dtype=torch.float32).eval()
+    return {"dir": d, "hf_dir": d / "hf", "model": trainer.model, "hf": hf, "tied": request.param,
+            "corpus": world_corpus}
+
+
+def _tokens(seed=0, batch=2, length=24, vocab=400):
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _assert_logits_close(got, ref):
+    err = (got.double() - ref.double()).abs().max().item()
+    assert err <= 1e-5 * ref.abs().max().item(), err
+
+
+@torch.no_grad()
+def test_hf_logits_equal_ours(exported):
+    tokens = _tokens()
+    ours = exported["model"](tokens)
+    theirs = exported["hf"](input_ids=tokens).logits
+    assert theirs.shape == ours.shape
+    _assert_logits_close(theirs, ours)
+    cfg = json.loads((exported["hf_dir"] / "config.json").read_text())
+    assert cfg["tie_word_embeddings"] is exported["tied"] and cfg["num_key_value_heads"] == 2
+    from safetensors import safe_open
+
+    with safe_open(str(exported["hf_dir"] / "model.safetensors"), "pt") as f:
+        assert ("lm_head.weight" in f.keys()) is not exported["tied"]
+
+
+@torch.no_grad()
+def test_import_gives_the_same_model(exported):
+    fields, state = import_hf(exported["hf_dir"])
+    src = exported["model"].cfg
+    for key in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len", "tie_embeddings"):
+        assert fields[key] == getattr(src, key), key
+    assert fields["n_kv_heads"] == 2 and fields["ffn_dim"] == exported["model"].dims.ffn_dim
+    back = Transformer(ModelConfig(**fields, kernels=False))
+    back.load_state_dict(state, strict=True)
+    back.eval()
+    tokens = _tokens(seed=1)
+    assert torch.equal(back(tokens), exported["model"](tokens))  # same fp32 weights, bit for bit
+    if exported["tied"]:
+        assert back.output.weight is back.tok_embeddings.weight
+
+
+@torch.no_grad()
+def test_greedy_generation_identical(exported):
+    tok = Tokenizer(exported["corpus"]["tokenizer"])
+    prompt = tok.encode("Nolkala Pipilley is an expert in")
+    eos = tok.eod_id
+    ids = list(prompt)
+    for _ in range(20):  # plain greedy loop over our model, no cache, stopping at EOD like HF
+        nxt = int(exported["model"](torch.tensor([ids]))[0, -1].argmax())
+        ids.append(nxt)
+        if nxt == eos:
+            break
+    out = exported["hf"].generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                  do_sample=False, max_new_tokens=20)
+    assert out[0].tolist() == ids
+    assert len(ids) > len(prompt) + 1
+
+
+def test_autotokenizer_ids_equal_ours(exported, world_corpus):
+    if exported["tied"]:
+        pytest.skip("the tokenizer files do not depend on tying; checked once")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(exported["hf_dir"])
+    ours = Tokenizer(world_corpus["tokenizer"])
+    lines = [json.loads(x)["text"] for x in
+             (world_corpus["dir"] / "world/domain/train.jsonl").read_text().splitlines()[:200]]
+    for text in SENTENCES + lines:
+        ids = hf_tok(text)["input_ids"]
+        assert ids == ours.encode(text), text
+        assert hf_tok.decode(ids) == ours.decode(ids)
+    assert (hf_tok.unk_token_id, hf_tok.bos_token_id, hf_tok.eos_token_id, hf_tok.pad_token_id) == \
+        (ours.unk_id, ours.bos_id, ours.eod_id, ours.pad_id) == (0, 1, 2, 3)
+    assert (exported["hf_dir"] / "tokenizer.model").read_bytes() == \
+        open(world_corpus["tokenizer"], "rb").read()
+
+
+def test_unigram_tokenizer_converts_exactly(world_corpus, tmp_path):
+    from kis_megatron.data.tokenizer import train_tokenizer
+    from kis_megatron.interop.hf_tokenizer import build_tokenizer_json
+
+    src = world_corpus["dir"] / "world/general/train.jsonl"
+    text = tmp_path / "t.txt"
+    lines = [json.loads(x)["text"] for x in src.read_text().splitlines()]
+    text.write_text("\n".join(lines) + "\n")
+    model = train_tokenizer(text, tmp_path / "uni", vocab_size=400, model_type="unigram")
+    fast, ours = build_tokenizer_json(model), Tokenizer(model)
+    # Literal "</s>" in text is the one documented unigram difference (see hf_tokenizer).
+    for t in [s.replace("</s>", "<s/>") for s in SENTENCES] + lines[:200]:
+        assert fast.encode(t, add_special_tokens=False).ids == ours.encode(t), t
+
+
+@torch.no_grad()
+def test_sharded_export_loads(exported):
+    if exported["tied"]:
+        pytest.skip("sharding does not depend on tying; checked once")
+    out = exported["dir"] / "hf_sharded"
+    export_hf(exported["dir"] / "run", out, max_shard_size="40KB")
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    files = set(index["weight_map"].values())
+    assert len(files) > 2 and not (out / "model.safetensors").exists()
+    assert all((out / f).stat().st_size <= 40_000 + 20_000 for f in files)  # header slack
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    tokens = _tokens(seed=2)
+    _assert_logits_close(hf(input_ids=tokens).logits, exported["model"](tokens))
+    _, a = import_hf(out)
+    _, b = import_hf(exported["hf_dir"])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _edited_copy(src, dst, **changes):
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg.update(changes)
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+@pytest.mark.parametrize("changes, words", [
+    ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_scaling"),
+    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0}}, "llama3"),
+    ({"attention_bias": True}, "attention_bias"),
+    ({"mlp_bias": True}, "mlp_bias"),
+    ({"hidden_act": "gelu"}, "hidden_act"),
+    ({"head_dim": 16}, "head_dim"),
+    ({"model_type": "mistral"}, "model_type"),
+])
+def test_unsupported_hf_configs_are_refused(exported, tmp_path, changes, words):
+    if exported["tied"]:
+        pytest.skip("config checks do not depend on tying; checked once")
+    bad = _edited_copy(exported["hf_dir"], tmp_path / "bad", **changes)
+    with pytest.raises(InteropError, match=words):
+        import_hf(bad)
+
+
+def test_load_init_names_a_mismatch_and_export_refuses_a_used_folder(exported, tmp_path):
+    if exported["tied"]:
+        pytest.skip("checked once")
+    other = Transformer(ModelConfig(vocab_size=400, dim=32, n_layers=3, n_heads=4, n_kv_heads=2))
+    with pytest.raises(InteropError, match="n_layers"):
+        load_init(other, f"hf:{exported['hf_dir']}")
+    with pytest.raises(InteropError, match="hf:DIR"):
+        load_init(other, str(exported["hf_dir"]))
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "keep.txt").write_text("x")
+    with pytest.raises(InteropError, match="not empty"):
+        export_hf(exported["dir"] / "run", tmp_path / "used")
+    assert os.listdir(tmp_path / "used") == ["keep.txt"]
+    # a shard missing from a sharded folder is named
+    broken = _edited_copy(exported["hf_dir"], tmp_path / "broken")
+    (broken / "model.safetensors").unlink()
+    with pytest.raises(InteropError, match="model.safetensors"):
+        import_hf(broken)
+
+
+@torch.no_grad()
+def test_kis_train_starts_from_imported_weights(exported, tmp_path):
+    yaml_path = tmp_path / "from_hf.yaml"
+    proc = subprocess.run([sys.executable, str(ROOT / "tools/import_hf.py"), str(exported["hf_dir"]),
+                           "--out", str(yaml_path)], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    corpus = exported["corpus"]
+    overrides = [o for o in tiny_overrides(corpus, tmp_path / "run2", **{"train.steps": 1})
+                 if not o.startswith("model.")]
+    trainer = Trainer(load_config(yaml_path, overrides))
+    assert trainer.cfg.model.init_from == f"hf:{exported['hf_dir'].resolve()}"
+    trainer.model.eval()
+    tokens = _tokens(seed=3)
+    assert torch.equal(trainer.model(tokens), exported["model"](tokens))
+
+
+def test_clis_report_user_errors(tmp_path):
+    for tool, args in (("export_hf", [str(tmp_path), "--out", str(tmp_path / "o")]),
+                       ("import_hf", [str(tmp_path), "--out", str(tmp_path / "c.yaml")])):
+        proc = subprocess.run([sys.executable, str(ROOT / f"tools/{tool}.py"), *args],
+                              capture_output=True, text=True, cwd=ROOT)
+        assert proc.returncode == 2 and proc.stderr.startswith("error: "), proc.stderr
+        assert "Traceback" not in proc.stderr
