@@ -40,14 +40,33 @@ def _train(world_corpus, run_dir, tied: bool) -> Trainer:
     return trainer
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["untied", "tied"])
-def exported(request, world_corpus, tmp_path_factory):
-    d = tmp_path_factory.mktemp("tied" if request.param else "untied")
-    trainer = _train(world_corpus, d / "run", tied=request.param)
-    export_hf(d / "run", d / "hf")
-    hf = transformers.AutoModelForCausalLM.from_pretrained(d / "hf", dtype=torch.float32).eval()
-    return {"dir": d, "hf_dir": d / "hf", "model": trainer.model, "hf": hf, "tied": request.param,
-            "corpus": world_corpus}
+@pytest.fixture(scope="module")
+def exports(world_corpus, tmp_path_factory):
+    """Trained-and-exported tiny models, built on first use and shared by the module."""
+    made = {}
+
+    def get(tied: bool) -> dict:
+        if tied not in made:
+            d = tmp_path_factory.mktemp("tied" if tied else "untied")
+            trainer = _train(world_corpus, d / "run", tied=tied)
+            export_hf(d / "run", d / "hf")
+            hf = transformers.AutoModelForCausalLM.from_pretrained(d / "hf", dtype=torch.float32).eval()
+            made[tied] = {"dir": d, "hf_dir": d / "hf", "model": trainer.model, "hf": hf, "tied": tied,
+                          "corpus": world_corpus}
+        return made[tied]
+
+    return get
+
+
+@pytest.fixture(params=[False, True], ids=["untied", "tied"])
+def exported(request, exports):
+    return exports(request.param)
+
+
+@pytest.fixture
+def untied(exports):
+    """For checks that do not depend on tying: run once, on the untied model."""
+    return exports(False)
 
 
 def _tokens(seed=0, batch=2, length=24, vocab=400):
@@ -107,10 +126,8 @@ def test_greedy_generation_identical(exported):
     assert len(ids) > len(prompt) + 1
 
 
-def test_autotokenizer_ids_equal_ours(exported, world_corpus):
-    if exported["tied"]:
-        pytest.skip("the tokenizer files do not depend on tying; checked once")
-    hf_tok = transformers.AutoTokenizer.from_pretrained(exported["hf_dir"])
+def test_autotokenizer_ids_equal_ours(untied, world_corpus):
+    hf_tok = transformers.AutoTokenizer.from_pretrained(untied["hf_dir"])
     ours = Tokenizer(world_corpus["tokenizer"])
     lines = [json.loads(x)["text"] for x in
              (world_corpus["dir"] / "world/domain/train.jsonl").read_text().splitlines()[:200]]
@@ -120,7 +137,7 @@ def test_autotokenizer_ids_equal_ours(exported, world_corpus):
         assert hf_tok.decode(ids) == ours.decode(ids)
     assert (hf_tok.unk_token_id, hf_tok.bos_token_id, hf_tok.eos_token_id, hf_tok.pad_token_id) == \
         (ours.unk_id, ours.bos_id, ours.eod_id, ours.pad_id) == (0, 1, 2, 3)
-    assert (exported["hf_dir"] / "tokenizer.model").read_bytes() == \
+    assert (untied["hf_dir"] / "tokenizer.model").read_bytes() == \
         open(world_corpus["tokenizer"], "rb").read()
 
 
@@ -140,20 +157,18 @@ def test_unigram_tokenizer_converts_exactly(world_corpus, tmp_path):
 
 
 @torch.no_grad()
-def test_sharded_export_loads(exported):
-    if exported["tied"]:
-        pytest.skip("sharding does not depend on tying; checked once")
-    out = exported["dir"] / "hf_sharded"
-    export_hf(exported["dir"] / "run", out, max_shard_size="40KB")
+def test_sharded_export_loads(untied):
+    out = untied["dir"] / "hf_sharded"
+    export_hf(untied["dir"] / "run", out, max_shard_size="40KB")
     index = json.loads((out / "model.safetensors.index.json").read_text())
     files = set(index["weight_map"].values())
     assert len(files) > 2 and not (out / "model.safetensors").exists()
     assert all((out / f).stat().st_size <= 40_000 + 20_000 for f in files)  # header slack
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     tokens = _tokens(seed=2)
-    _assert_logits_close(hf(input_ids=tokens).logits, exported["model"](tokens))
+    _assert_logits_close(hf(input_ids=tokens).logits, untied["model"](tokens))
     _, a = import_hf(out)
-    _, b = import_hf(exported["hf_dir"])
+    _, b = import_hf(untied["hf_dir"])
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -174,29 +189,25 @@ def _edited_copy(src, dst, **changes):
     ({"head_dim": 16}, "head_dim"),
     ({"model_type": "mistral"}, "model_type"),
 ])
-def test_unsupported_hf_configs_are_refused(exported, tmp_path, changes, words):
-    if exported["tied"]:
-        pytest.skip("config checks do not depend on tying; checked once")
-    bad = _edited_copy(exported["hf_dir"], tmp_path / "bad", **changes)
+def test_unsupported_hf_configs_are_refused(untied, tmp_path, changes, words):
+    bad = _edited_copy(untied["hf_dir"], tmp_path / "bad", **changes)
     with pytest.raises(InteropError, match=words):
         import_hf(bad)
 
 
-def test_load_init_names_a_mismatch_and_export_refuses_a_used_folder(exported, tmp_path):
-    if exported["tied"]:
-        pytest.skip("checked once")
+def test_load_init_names_a_mismatch_and_export_refuses_a_used_folder(untied, tmp_path):
     other = Transformer(ModelConfig(vocab_size=400, dim=32, n_layers=3, n_heads=4, n_kv_heads=2))
     with pytest.raises(InteropError, match="n_layers"):
-        load_init(other, f"hf:{exported['hf_dir']}")
+        load_init(other, f"hf:{untied['hf_dir']}")
     with pytest.raises(InteropError, match="hf:DIR"):
-        load_init(other, str(exported["hf_dir"]))
+        load_init(other, str(untied["hf_dir"]))
     (tmp_path / "used").mkdir()
     (tmp_path / "used" / "keep.txt").write_text("x")
     with pytest.raises(InteropError, match="not empty"):
-        export_hf(exported["dir"] / "run", tmp_path / "used")
+        export_hf(untied["dir"] / "run", tmp_path / "used")
     assert os.listdir(tmp_path / "used") == ["keep.txt"]
     # a shard missing from a sharded folder is named
-    broken = _edited_copy(exported["hf_dir"], tmp_path / "broken")
+    broken = _edited_copy(untied["hf_dir"], tmp_path / "broken")
     (broken / "model.safetensors").unlink()
     with pytest.raises(InteropError, match="model.safetensors"):
         import_hf(broken)
