@@ -22,6 +22,7 @@ setup(
         "tensorboard>=2.14",
         "scipy>=1.10",
         "matplotlib>=3.7",
+        "safetensors>=0.4",
     ],
     extras_require={
         "dev": [
@@ -33,6 +34,7 @@ setup(
             "safetensors>=0.4",
         ],
         "gpu": ["triton>=3.0", "liger-kernel>=0.5", "transformers>=4.45"],
+        "hf": ["transformers>=4.45"],
     },
     entry_points={
         "console_scripts": [

@@ -90,7 +90,8 @@ class Trainer:
         self.val_windows = build_validation_windows(cfg)
         torch.manual_seed(t.seed)
         self.model: Transformer = build_model(cfg.model, seed=t.seed, device=self.device)
-        if cfg.model.init_from: load_init(self.model, cfg.model.init_from)
+        if cfg.model.init_from:
+            load_init(self.model, cfg.model.init_from)
         if t.compile:
             compile_blocks(self.model)
         self.train_module = apply_ddp(self.model, self.dims, self.device)
