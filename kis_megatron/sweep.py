@@ -218,6 +218,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = ap.parse_args(argv)
     try:
         sweep = load_sweep(args.sweep)
+        if args.list or args.print_launch:  # let `| head` end the listing quietly
+            import signal
+
+            signal.signal(signal.SIGPIPE, signal.SIG_DFL)
         if args.list:
             for r in sweep.runs:
                 print(f"{r.run_id:30s} {r.params:>12,d} params  {run_status(r)}")
