@@ -4,7 +4,8 @@ Single process on CPU::
 
     kis-train --config examples/tiny_cpu/train.yaml train.steps=200
 
-Data parallel on a GPU node (one process per GPU), or across nodes, under torchrun::
+Data parallel on a GPU node (one process per GPU), or across nodes, under torchrun
+(``parallel.tp=N`` adds tensor parallelism: groups of N ranks share each model; dp is the rest)::
 
     torchrun --nproc-per-node 8 -m kis_megatron.train --config examples/gpu_ladder/base.yaml ...
     torchrun --nnodes 4 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \
@@ -33,9 +34,10 @@ from kis_megatron.config import Config, ConfigError, load_config, save_config
 from kis_megatron.data.errors import DataError
 from kis_megatron.data.stream import TrainStream, build_train_stream, build_validation_windows
 from kis_megatron.interop.hf import load_init
-from kis_megatron.model.llama import Transformer, build_model, compile_blocks
+from kis_megatron.model.llama import Dims, Transformer, build_model, compile_blocks
 from kis_megatron.parallel.data_parallel import apply_ddp, no_grad_sync
 from kis_megatron.parallel.dims import ParallelDims, destroy_distributed, init_distributed
+from kis_megatron.parallel.tensor_parallel import apply_tp, check_tp, clip_grad_norm_
 from kis_megatron.training.checkpoint import CheckpointError, CheckpointManager, set_rng_state
 from kis_megatron.training.logger import MetricsLogger
 from kis_megatron.training.optim import build_optimizer, build_scheduler
@@ -64,6 +66,7 @@ class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.dims = ParallelDims.from_env(cfg.parallel)
+        check_tp(Dims.from_config(cfg.model), self.dims.tp)  # before any process waits on a peer
         dp_rank, dp_size = self.dims.dp_rank, self.dims.dp
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.is_main = self.dims.is_main
@@ -80,7 +83,9 @@ class Trainer:
                               f"micro_batch * dp = {t.micro_batch * dp_size}")
         self.accum = t.global_batch // (t.micro_batch * dp_size)
 
-        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", keep=cfg.checkpoint.keep)
+        self.tp_group = self.dims.tp_group
+        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", keep=cfg.checkpoint.keep,
+                                      tp_group=self.tp_group)
         resume_from = self._resume_path()
         if resume_from is None and (self.run_dir / "metrics.jsonl").exists():
             raise ConfigError(f"log.dir={self.run_dir} already holds a run; continue it with "
@@ -92,6 +97,13 @@ class Trainer:
         self.model: Transformer = build_model(cfg.model, seed=t.seed, device=self.device)
         if cfg.model.init_from:
             load_init(self.model, cfg.model.init_from)
+        # Sizes of the whole model, counted before tensor parallelism leaves each rank a shard.
+        self.model_sizes = {
+            "model_params": self.model.num_params(),
+            "model_params_non_embedding": self.model.num_params(non_embedding=True),
+            "flops_per_token": self.model.flops_per_token(cfg.data.seq_len),
+        }
+        apply_tp(self.model, self.tp_group)
         if t.compile:
             compile_blocks(self.model)
         self.train_module = apply_ddp(self.model, self.dims, self.device)
@@ -180,7 +192,10 @@ class Trainer:
             total += loss.detach().float()
         loss = _mean_over_ranks(total / self.accum)
         clip = self.cfg.train.grad_clip or math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip).item()
+        if self.tp_group is None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip).item()
+        else:
+            grad_norm = clip_grad_norm_(self.model.parameters(), clip, self.tp_group).item()
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -193,9 +208,7 @@ class Trainer:
         inf = self.cfg.infusion
         info = {
             "run_id": self.run_dir.name,
-            "model_params": self.model.num_params(),
-            "model_params_non_embedding": self.model.num_params(non_embedding=True),
-            "flops_per_token": self.model.flops_per_token(self.cfg.data.seq_len),
+            **self.model_sizes,
             "tokens_per_step": self.cfg.train.global_batch * self.cfg.data.seq_len,
             "total_steps": self.cfg.train.steps,
             "infusion": {"kind": inf.kind, "value": inf.value if inf.value is not None else inf.ratio,

@@ -169,6 +169,8 @@ class Transformer(nn.Module):
         h = self.norm(h)
         if targets is None:
             return self.output(h).float()  # (B, T, V)
+        if hasattr(self.output, "cross_entropy"):  # a tensor-parallel head: loss over its shard
+            return self.output.cross_entropy(h.reshape(B * T, -1), targets.reshape(-1))
         return ops.linear_cross_entropy(h.reshape(B * T, -1), self.output.weight, targets.reshape(-1),
                                         fused=self.cfg.kernels)
 

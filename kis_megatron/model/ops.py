@@ -34,9 +34,15 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, fused: bool = True) -> torch.Te
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
-                         ignore_index: int = -100, fused: bool = True) -> torch.Tensor:
-    """Mean next-token loss of ``hidden @ weight.T`` against ``target`` (ignore_index skipped)."""
+                         ignore_index: int = -100, fused: bool = True, group=None) -> torch.Tensor:
+    """Mean next-token loss of ``hidden @ weight.T`` against ``target`` (ignore_index skipped).
+
+    ``group``: vocabulary-parallel group, ``weight`` being this rank's shard of the vocabulary
+    rows (see ``kernels.linear_cross_entropy``: the gradient reaching ``hidden`` is this
+    rank's partial, to be all-reduced by the caller)."""
     if fused:
-        return kernels.linear_cross_entropy(hidden, weight, target, ignore_index=ignore_index)
+        return kernels.linear_cross_entropy(hidden, weight, target, ignore_index=ignore_index, group=group)
+    if group is not None:  # the plain path over shards: the chunked PyTorch reference
+        return kernels.linear_cross_entropy_reference(hidden, weight, target, ignore_index, group)
     logits = (hidden @ weight.t()).float()
     return F.cross_entropy(logits, target, ignore_index=ignore_index)

@@ -1,4 +1,5 @@
-"""Data parallelism: every rank holds the whole model and reads its own slice of each global
+"""Data parallelism: every rank holds the whole model (or, with tensor parallelism, its
+tensor-parallel shard of it) and reads its own slice of each global
 batch (the infusion blender splits it, keeping the exact ratio over the global batch);
 gradients are averaged across ranks by DDP, overlapped with the backward pass.
 """
@@ -18,8 +19,10 @@ def apply_ddp(model: torch.nn.Module, dims: ParallelDims, device: torch.device) 
     Parameters stay shared with ``model`` (checkpoints, clipping and evaluation use it)."""
     if dims.dp == 1:
         return model
+    # Over the data-parallel group only: ranks of one tensor-parallel group hold different
+    # shards, so their gradients must never be averaged together.
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                   broadcast_buffers=False)
+                                   broadcast_buffers=False, process_group=dims.dp_group)
 
 
 def no_grad_sync(module: torch.nn.Module, last_micro_batch: bool):

@@ -2,16 +2,18 @@
 tensor parallel groups, validated once and turned into a named DeviceMesh.
 
 torchrun sets WORLD_SIZE, RANK and LOCAL_RANK; ``parallel.tp`` and ``parallel.pp`` come from
-the config and data parallelism takes the rest (dp = world / (tp * pp)). This version
-builds the data-parallel dimension; tensor and pipeline parallelism are refused with a
-clear error until they exist, so no layout ever trains silently in another shape.
+the config and data parallelism takes the rest (dp = world / (tp * pp)). This version builds
+the data- and tensor-parallel dimensions, mesh ``(dp, tp)`` with tp innermost (ranks
+0..tp-1 form the first tensor-parallel group, so a tensor-parallel group stays inside a
+node); pipeline, virtual-pipeline and sequence parallelism are refused with a clear error
+until they exist, so no layout ever trains silently in another shape.
 """
 
 from __future__ import annotations
 
 import datetime
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -20,7 +22,7 @@ import torch.distributed as dist
 from kis_megatron.config import ConfigError, ParallelConfig
 
 
-@dataclass(frozen=True)
+@dataclass
 class ParallelDims:
     world_size: int
     rank: int
@@ -28,25 +30,46 @@ class ParallelDims:
     dp: int
     tp: int = 1
     pp: int = 1
+    mesh: Optional[object] = field(default=None, repr=False, compare=False)  # DeviceMesh (dp, tp)
 
     @property
     def dp_rank(self) -> int:
         return self.rank // (self.tp * self.pp)  # dp is the outermost dimension
 
     @property
+    def tp_rank(self) -> int:
+        return self.rank % self.tp  # tp is the innermost dimension
+
+    @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def tp_group(self) -> Optional[dist.ProcessGroup]:
+        """This rank's tensor-parallel group; None when tp == 1 (nothing is sharded)."""
+        return self._group("tp") if self.tp > 1 else None
+
+    @property
+    def dp_group(self) -> Optional[dist.ProcessGroup]:
+        """This rank's data-parallel group (ranks holding the same shards); None when dp == 1."""
+        return self._group("dp") if self.dp > 1 else None
+
+    def _group(self, name: str) -> dist.ProcessGroup:
+        if self.mesh is None:
+            raise RuntimeError("ParallelDims: call init_distributed before asking for process groups")
+        return self.mesh.get_group(name)
 
     @classmethod
     def from_env(cls, cfg: ParallelConfig) -> "ParallelDims":
         world = int(os.environ.get("WORLD_SIZE", "1"))
         rank = int(os.environ.get("RANK", "0"))
         local = int(os.environ.get("LOCAL_RANK", "0"))
-        if cfg.tp > 1 or cfg.pp > 1 or cfg.vpp > 1 or cfg.sp:
-            raise ConfigError("parallel.tp/pp/vpp/sp: tensor, pipeline and sequence parallelism "
-                              "are not built yet; this version runs data parallel only (set "
-                              "parallel.tp=1 parallel.pp=1 parallel.vpp=1 parallel.sp=false and "
-                              "launch one process per GPU with torchrun)")
+        if cfg.pp > 1 or cfg.vpp > 1 or cfg.sp:
+            raise ConfigError("parallel.pp/vpp/sp: pipeline and sequence parallelism are not built "
+                              "yet; this version runs data and tensor parallel only (set "
+                              "parallel.pp=1 parallel.vpp=1 parallel.sp=false; parallel.tp may be > 1)")
+        if cfg.tp < 1:
+            raise ConfigError(f"parallel.tp={cfg.tp} must be >= 1")
         if world % (cfg.tp * cfg.pp):
             raise ConfigError(f"world size {world} is not a multiple of parallel.tp * parallel.pp = "
                               f"{cfg.tp * cfg.pp}")
@@ -55,8 +78,9 @@ class ParallelDims:
 
 
 def init_distributed(dims: ParallelDims, device: torch.device, timeout_s: int) -> Optional[dist.ProcessGroup]:
-    """Join the process group torchrun describes (NCCL on CUDA, gloo on CPU). A timeout on
-    every collective bounds how long a rank waits for a peer that died."""
+    """Join the process group torchrun describes (NCCL on CUDA, gloo on CPU) and build the
+    (dp, tp) mesh on ``dims``. A timeout on every collective bounds how long a rank waits
+    for a peer that died."""
     if dims.world_size == 1:
         return None
     if not dist.is_initialized():
@@ -64,6 +88,10 @@ def init_distributed(dims: ParallelDims, device: torch.device, timeout_s: int) -
             torch.cuda.set_device(dims.local_rank)
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    if dims.mesh is None:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        dims.mesh = init_device_mesh(device.type, (dims.dp, dims.tp), mesh_dim_names=("dp", "tp"))
     return dist.group.WORLD
 
 

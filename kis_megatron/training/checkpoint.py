@@ -37,6 +37,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from kis_megatron.parallel.tensor_parallel import full_of, shard_of
 from kis_megatron.utils import atomic_write_text
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -82,10 +83,47 @@ def _dcp_quietly(fn, *args, **kwargs):
         return fn(*args, **kwargs)
 
 
+def _shard_dims(model: torch.nn.Module) -> dict[str, int]:
+    """FQN -> the dimension a tensor-parallel parameter is cut along (tied names included)."""
+    return {name: p._tp_shard_dim for name, p in model.named_parameters(remove_duplicate=False)
+            if getattr(p, "_tp_shard_dim", None) is not None}
+
+
+def _detached(msd: dict, osd: Optional[dict]) -> tuple[dict, Optional[dict]]:
+    """Shallow copies of the state dicts whose tensors can be swapped without touching the
+    live model or optimizer state (their per-parameter dicts can be the optimizer's own)."""
+    if osd is not None:
+        osd = {**osd, "state": {k: dict(v) for k, v in osd.get("state", {}).items()}}
+    return dict(msd), osd
+
+
+def _sharded_entries(model, msd: dict, osd: Optional[dict]):
+    """(container, key, shard dim) of every sharded tensor in the model and optimizer state
+    dicts: parameters, and optimizer states shaped like their parameter (Adam's moments)."""
+    dims = _shard_dims(model)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for name, d in dims.items():
+        if name in msd:
+            yield msd, name, d
+    for name, state in (osd or {}).get("state", {}).items():
+        if name in dims:
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.shape == params[name].shape:
+                    yield state, key, dims[name]
+
+
 class CheckpointManager:
-    def __init__(self, directory: str | Path, keep: int = 2):
+    """Saves and loads checkpoints of one run.
+
+    ``tp_group``: the tensor-parallel group when parameters are sharded (``apply_tp``): a
+    save all-gathers every shard into the full tensor, so the files do not depend on the
+    layout, and a load slices this rank's part out again, so a checkpoint saved at one
+    ``parallel.tp`` resumes at another."""
+
+    def __init__(self, directory: str | Path, keep: int = 2, tp_group=None):
         self.dir = Path(directory)
         self.keep = keep
+        self.tp_group = tp_group
 
     # ------------------------------------------------------------------ discovery
 
@@ -121,6 +159,10 @@ class CheckpointManager:
             tmp.mkdir()
         _barrier()
         msd, osd = get_state_dict(model, optimizer)
+        if self.tp_group is not None:
+            msd, osd = _detached(msd, osd)
+            for container, key, dim in list(_sharded_entries(model, msd, osd)):
+                container[key] = full_of(container[key], dim, self.tp_group)
         _dcp_quietly(dcp.save, {"model": msd, "optim": osd}, checkpoint_id=str(tmp))
         torch.save({**extra, "step": step, "rng": rng_state()}, tmp / f"extra_rank{rank}.pt.tmp")
         os.replace(tmp / f"extra_rank{rank}.pt.tmp", tmp / f"extra_rank{rank}.pt")
@@ -151,12 +193,24 @@ class CheckpointManager:
             raise CheckpointError(f"{path} is not a complete checkpoint (no COMPLETE marker)")
         if optimizer is None:
             state = {"model": get_model_state_dict(model)}
-            _dcp_quietly(dcp.load, state, checkpoint_id=str(path))
-            set_model_state_dict(model, state["model"])
         else:
             msd, osd = get_state_dict(model, optimizer)
             state = {"model": msd, "optim": osd}
-            _dcp_quietly(dcp.load, state, checkpoint_id=str(path))
+        if self.tp_group is not None:
+            state["model"], state["optim"] = _detached(state["model"], state.get("optim"))
+            if optimizer is None:
+                del state["optim"]
+        sharded = [] if self.tp_group is None else list(_sharded_entries(model, state["model"], state.get("optim")))
+        for container, key, dim in sharded:  # read the full tensor, keep this rank's slice
+            shape = list(container[key].shape)
+            shape[dim] *= dist.get_world_size(self.tp_group)
+            container[key] = container[key].new_empty(shape)
+        _dcp_quietly(dcp.load, state, checkpoint_id=str(path))
+        for container, key, dim in sharded:
+            container[key] = shard_of(container[key], dim, self.tp_group)
+        if optimizer is None:
+            set_model_state_dict(model, state["model"])
+        else:
             set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         extra_file = path / f"extra_rank{_rank()}.pt"
         if not extra_file.is_file():
