@@ -16,8 +16,9 @@ with no permutation of q/k rows; ``tests/interop`` proves it by comparing logits
 
 Whatever one side can express and the other cannot (RoPE scaling, biases, another activation,
 a head_dim that is not hidden/heads, ...) is an ``InteropError`` naming the field, never a
-silent difference. Only single-process checkpoints are handled: tensor/pipeline-parallel
-layouts are not built yet.
+silent difference. Checkpoints of any data- or tensor-parallel layout export (they hold full
+tensors); an imported model can be trained at any tp, since the weights are loaded before
+``apply_tp`` shards them.
 """
 
 from __future__ import annotations
@@ -292,8 +293,10 @@ def export_hf(run_dir_or_checkpoint: str | Path, out_dir: str | Path,
     run_dir, ckpt = _locate(run_dir_or_checkpoint, checkpoint)
     cfg = load_config(run_dir / "config.yaml")
     p = cfg.parallel
-    if p.tp > 1 or p.pp > 1 or p.vpp > 1:
-        raise InteropError("parallel.tp/pp/vpp > 1: only single-process checkpoints can be exported")
+    # Checkpoints hold full, layout-free tensors (a tensor-parallel save gathers its shards),
+    # so a run of any data- or tensor-parallel layout loads into one process here.
+    if p.pp > 1 or p.vpp > 1:
+        raise InteropError("parallel.pp/vpp > 1: pipeline-parallel checkpoints are not supported")
     tok_path = Path(tokenizer or cfg.data.tokenizer or "")
     if not (tokenizer or cfg.data.tokenizer):
         raise InteropError(f"{run_dir}/config.yaml has no data.tokenizer; pass the tokenizer "
