@@ -13,7 +13,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach the network
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from _corpus import ROOT, tiny_overrides  # noqa: E402
+from _corpus import ROOT, tiny_overrides, torchrun, train_rows  # noqa: E402
 from kis_megatron.config import ModelConfig, load_config  # noqa: E402
 from kis_megatron.data.tokenizer import Tokenizer  # noqa: E402
 from kis_megatron.interop.hf import InteropError, export_hf, import_hf, load_init  # noqa: E402
@@ -243,10 +243,7 @@ def test_tensor_parallel_checkpoint_round_trip(world_corpus, tmp_path):
     loaded into one process, and an HF import starts a tp=2 run from exactly those weights."""
     run = tmp_path / "tp2"
     over = tiny_overrides(world_corpus, run, **{"train.steps": 2, "parallel.tp": 2, "model.init_std": 0.1})
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                           "-m", "kis_megatron.train", *over], capture_output=True, text=True, cwd=ROOT,
-                          env=env, timeout=300)
+    proc = torchrun(2, "-m", "kis_megatron.train", *over)
     assert proc.returncode == 0, proc.stderr[-3000:]
     export_hf(run, tmp_path / "hf")
     cfg = load_config(run / "config.yaml")
@@ -265,10 +262,7 @@ def test_tensor_parallel_checkpoint_round_trip(world_corpus, tmp_path):
         d = tmp_path / f"from_hf_tp{tp}"
         args = tiny_overrides(world_corpus, d, **{"train.steps": 1, "parallel.tp": tp,
                                                    "model.init_from": f"hf:{tmp_path / 'hf'}"})
-        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                               f"--nproc-per-node={tp}", "-m", "kis_megatron.train", *args],
-                              capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+        proc = torchrun(tp, "-m", "kis_megatron.train", *args)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        rows = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
-        losses[tp] = next(r["loss"] for r in rows if "loss" in r)
+        losses[tp] = train_rows(d)[1]["loss"]
     assert abs(losses[1] - losses[2]) <= 1e-5 * losses[1]

@@ -1,6 +1,5 @@
 """Data parallelism on CPU (gloo, torchrun, 2 processes) reproduces the single-process run."""
 
-import json
 import os
 import subprocess
 import sys
@@ -8,23 +7,11 @@ import time
 
 import torch
 
-from _corpus import ROOT, tiny_overrides
+from _corpus import ROOT, tiny_overrides, torchrun, train_rows as losses
 from kis_megatron.config import load_config
 from kis_megatron.model.llama import build_model
 from kis_megatron.train import Trainer
 from kis_megatron.training.checkpoint import CheckpointManager
-
-
-def torchrun(nproc: int, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           f"--nproc-per-node={nproc}", *args], capture_output=True, text=True,
-                          cwd=ROOT, env=env, timeout=timeout)
-
-
-def losses(run_dir):
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r for r in rows if "loss" in r}
 
 
 def final_weights(run_dir, cfg):

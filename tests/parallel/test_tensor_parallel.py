@@ -3,13 +3,10 @@ grad norms and final weights, at tp=2 and tp=2 x dp=2; checkpoints reshard betwe
 and tp=1 in both directions; a model that does not split is refused with a clear error."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-from _corpus import ROOT, tiny_overrides
+from _corpus import tiny_overrides, torchrun, train_rows
 from kis_megatron.config import ConfigError, load_config
 from kis_megatron.model.llama import Dims, build_model
 from kis_megatron.parallel.tensor_parallel import check_tp
@@ -19,18 +16,6 @@ from kis_megatron.training.checkpoint import CheckpointManager
 STEPS = 4
 COMMON = {"train.steps": STEPS, "train.global_batch": 8, "train.micro_batch": 2,
           "checkpoint.interval": 2, "checkpoint.keep": 3}
-
-
-def torchrun(nproc: int, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           f"--nproc-per-node={nproc}", *args], capture_output=True, text=True,
-                          cwd=ROOT, env=env, timeout=timeout)
-
-
-def train_rows(run_dir):
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r for r in rows if "loss" in r}
 
 
 def weights_at(run_dir, step, cfg):
