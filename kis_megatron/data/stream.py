@@ -65,7 +65,8 @@ class TrainStream:
     def next_batch(self) -> "StreamBatch":
         b: Batch = self.blender.next_batch(self.dp_rank, self.dp_size)
         for name, epoch in b.new_epochs:
-            self._notes.append(f"data: source '{name}' is exhausted and repeats (epoch {epoch})")
+            if epoch == 2 or epoch % 10 == 0:  # the first repeat, then a reminder now and then
+                self._notes.append(f"data: source '{name}' is exhausted and repeats (epoch {epoch})")
         stats = b.metrics()
         domains = self.blender.source_names[1:]
         if len(domains) == 1 and b.exposures:  # one domain: the plain keys DESIGN.md names
