@@ -191,11 +191,25 @@ def linear_cross_entropy_backward(grad_output, grad_hidden, grad_weight, n_valid
     )
 
 
+def _no_autocast(t: torch.Tensor):
+    """The ops choose their own precisions (matmuls in the inputs' dtype, softmax in float32);
+    an enclosing autocast must not re-cast the matmuls inside (it would make the logits'
+    dtype differ from the float32 buffers they are combined with). Callers that want the
+    LM head in bf16 under autocast pass bf16 inputs."""
+    return torch.autocast(device_type=t.device.type, enabled=False)
+
+
 class LinearCrossEntropyFunction(torch.autograd.Function):
     """Autograd wrapper of the Triton path: gradients are computed in forward."""
 
     @staticmethod
     def forward(ctx, hidden, weight, target, ignore_index, group, chunk_size, need_h, need_w):
+        with _no_autocast(hidden):
+            return LinearCrossEntropyFunction._forward(ctx, hidden, weight, target, ignore_index, group,
+                                                       chunk_size, need_h, need_w)
+
+    @staticmethod
+    def _forward(ctx, hidden, weight, target, ignore_index, group, chunk_size, need_h, need_w):
         loss, grad_hidden, grad_weight, n_valid = linear_cross_entropy_forward(
             hidden, weight, target, ignore_index, group, chunk_size, need_h, need_w
         )
@@ -219,6 +233,12 @@ class _ChunkedReferenceFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, target, ignore_index, group, chunk_size, need_h, need_w):
+        with _no_autocast(hidden):
+            return _ChunkedReferenceFunction._forward(ctx, hidden, weight, target, ignore_index, group,
+                                                      chunk_size, need_h, need_w)
+
+    @staticmethod
+    def _forward(ctx, hidden, weight, target, ignore_index, group, chunk_size, need_h, need_w):
         n_rows, hidden_size = hidden.shape
         vocab_local = weight.shape[0]
         vocab_start = _shard(group)[0] * vocab_local

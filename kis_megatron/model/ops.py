@@ -39,7 +39,12 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
 
     ``group``: vocabulary-parallel group, ``weight`` being this rank's shard of the vocabulary
     rows (see ``kernels.linear_cross_entropy``: the gradient reaching ``hidden`` is this
-    rank's partial, to be all-reduced by the caller)."""
+    rank's partial, to be all-reduced by the caller). Under autocast the LM head runs in the
+    autocast dtype like every other linear layer (the fused op keeps the softmax in float32)."""
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
     if fused:
         return kernels.linear_cross_entropy(hidden, weight, target, ignore_index=ignore_index, group=group)
     if group is not None:  # the plain path over shards: the chunked PyTorch reference

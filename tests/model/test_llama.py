@@ -122,3 +122,20 @@ def test_fused_and_plain_ops_agree():
     assert abs(lf.item() - lp.item()) < 1e-5
     for (n, p), (_, q) in zip(fused.named_parameters(), plain.named_parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("tie", [True, False])
+def test_bf16_autocast_trains(fused, tie):
+    """Under autocast (what CUDA training uses by default) the loss stays close to fp32 and
+    every parameter gets a finite fp32 gradient: the LM head's fused loss must not mix dtypes."""
+    cfg = tiny(tie_embeddings=tie, kernels=fused)
+    model = build_model(cfg, seed=2)
+    x = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(0))
+    ref = model(x[:, :-1], x[:, 1:]).item()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(x[:, :-1], x[:, 1:])
+    loss.backward()
+    assert loss.dtype == torch.float32 and abs(loss.item() - ref) < 2e-2 * ref
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all(), name

@@ -150,3 +150,15 @@ def test_shards_made_with_another_tokenizer_are_refused(world_corpus, tmp_path):
     proc = run_cli(*tiny_overrides(world_corpus, tmp_path / "run",
                                    **{"data.tokenizer": str(tmp_path / "other.model")}))
     assert proc.returncode == 2 and "tokenized with" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_bf16_autocast_run(world_corpus, tmp_path):
+    """train.dtype=bf16 (autocast, the CUDA default) trains end to end; its losses track fp32."""
+    runs = {}
+    for dtype in ("fp32", "bf16"):
+        run = tmp_path / dtype
+        Trainer(load_config(None, tiny_overrides(world_corpus, run, **{
+            "train.steps": 3, "train.dtype": dtype, "checkpoint.save_final": False}))).fit()
+        runs[dtype] = train_losses(run)
+    for step, loss in runs["fp32"].items():
+        assert abs(runs["bf16"][step] - loss) < 0.05 * loss, (step, runs)
