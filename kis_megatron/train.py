@@ -46,6 +46,21 @@ from kis_megatron.utils import atomic_write_json
 USER_ERRORS = (ConfigError, DataError, CheckpointError)
 
 
+# Dense peak TFLOP/s per GPU from the vendors' data sheets (bf16 / tf32 tensor cores, no
+# sparsity), for MFU. Matched against torch.cuda.get_device_name.
+_PEAK_TFLOPS = {"H200": (989.0, 494.0), "H100": (989.0, 494.0), "A100": (312.0, 156.0)}
+
+
+def peak_tflops(device: torch.device, dtype: str) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, (bf16, tf32) in _PEAK_TFLOPS.items():
+        if key in name:
+            return bf16 if dtype in ("auto", "bf16") else tf32
+    return None
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -202,6 +217,16 @@ class Trainer:
         self.step += 1
         return loss.item(), grad_norm, batch.stats
 
+    def _utilisation(self, tokens_per_s: float) -> dict:
+        """Achieved model TFLOP/s per device and, on a GPU whose peak is known, MFU."""
+        world = self.dims.world_size
+        tflops = self.model_sizes["flops_per_token"] * tokens_per_s / world / 1e12
+        out = {"tflops_per_device": tflops}
+        peak = peak_tflops(self.device, self.cfg.train.dtype)
+        if peak:
+            out["mfu"] = tflops / peak
+        return out
+
     def write_run_info(self, status: str) -> None:
         if not self.is_main:
             return
@@ -242,7 +267,7 @@ class Trainer:
                     log.message(note)
                 if self.step % cfg.log.interval == 0 or self.step == cfg.train.steps:
                     log.log({"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                             **stats, "tokens_per_s": tps})
+                             **stats, "tokens_per_s": tps, **self._utilisation(tps)})
                 log.progress(self.step, loss, tps, lr)
                 done = self.step == cfg.train.steps
                 stopping = self.step == cfg.train.stop_after

@@ -43,6 +43,9 @@ def test_validation_loss_falls_well_below_its_start(world_corpus, tmp_path):
     assert rows[-2]["tokens_total"] == 40 * 8 * 32 and rows[-2]["tokens_domain"] == 0
     info = json.loads((tmp_path / "run" / "run.json").read_text())
     assert info["status"] == "finished" and info["model_params"] == trainer.model.num_params()
+    r = rows[0]  # achieved model FLOP/s = FLOPs per token x tokens per second (no MFU on CPU)
+    assert abs(r["tflops_per_device"] - info["flops_per_token"] * r["tokens_per_s"] / 1e12) < 1e-9
+    assert "mfu" not in r
     resolved = load_config(tmp_path / "run" / "config.yaml")
     assert resolved == cfg
 
