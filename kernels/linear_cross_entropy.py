@@ -32,6 +32,8 @@ gradients chunk by chunk during forward) and :func:`linear_cross_entropy_naive`
 
 from __future__ import annotations  # kernel annotations stay strings: triton loads lazily
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
@@ -191,25 +193,24 @@ def linear_cross_entropy_backward(grad_output, grad_hidden, grad_weight, n_valid
     )
 
 
-def _no_autocast(t: torch.Tensor):
+def _without_autocast(forward):
     """The ops choose their own precisions (matmuls in the inputs' dtype, softmax in float32);
     an enclosing autocast must not re-cast the matmuls inside (it would make the logits'
     dtype differ from the float32 buffers they are combined with). Callers that want the
     LM head in bf16 under autocast pass bf16 inputs."""
-    return torch.autocast(device_type=t.device.type, enabled=False)
+    @functools.wraps(forward)
+    def wrapper(ctx, hidden, *args):
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            return forward(ctx, hidden, *args)
+    return wrapper
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
     """Autograd wrapper of the Triton path: gradients are computed in forward."""
 
     @staticmethod
+    @_without_autocast
     def forward(ctx, hidden, weight, target, ignore_index, group, chunk_size, need_h, need_w):
-        with _no_autocast(hidden):
-            return LinearCrossEntropyFunction._forward(ctx, hidden, weight, target, ignore_index, group,
-                                                       chunk_size, need_h, need_w)
-
-    @staticmethod
-    def _forward(ctx, hidden, weight, target, ignore_index, group, chunk_size, need_h, need_w):
         loss, grad_hidden, grad_weight, n_valid = linear_cross_entropy_forward(
             hidden, weight, target, ignore_index, group, chunk_size, need_h, need_w
         )
@@ -232,13 +233,8 @@ class _ChunkedReferenceFunction(torch.autograd.Function):
     logits alive instead of all of them. Without gradients (evaluation) nothing is stored."""
 
     @staticmethod
+    @_without_autocast
     def forward(ctx, hidden, weight, target, ignore_index, group, chunk_size, need_h, need_w):
-        with _no_autocast(hidden):
-            return _ChunkedReferenceFunction._forward(ctx, hidden, weight, target, ignore_index, group,
-                                                      chunk_size, need_h, need_w)
-
-    @staticmethod
-    def _forward(ctx, hidden, weight, target, ignore_index, group, chunk_size, need_h, need_w):
         n_rows, hidden_size = hidden.shape
         vocab_local = weight.shape[0]
         vocab_start = _shard(group)[0] * vocab_local
