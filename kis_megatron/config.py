@@ -44,8 +44,10 @@ class ModelConfig:
 class ParallelConfig:
     tp: int = 1
     pp: int = 1
-    vpp: int = 1
-    sp: bool = False
+    vpp: int = 1  # virtual pipeline stages per rank (interleaved 1F1B when > 1)
+    sp: bool = False  # sequence parallelism: norms and residuals split along the sequence
+    pp_layers: list[int] = field(default_factory=list)  # layers per (virtual) stage; [] = even
+    zero1: bool = False  # shard AdamW's state across data-parallel ranks (ZeRO stage 1)
     timeout_s: int = 600  # longest wait on a collective before a rank gives up (a dead peer)
 
 
@@ -281,6 +283,7 @@ def validate(cfg: Config) -> None:
            f"n_heads={m.n_heads} must be a multiple of n_kv_heads={kv}")
     for k in ("tp", "pp", "vpp", "timeout_s"):
         _check(getattr(cfg.parallel, k) >= 1, f"parallel.{k}", "must be >= 1")
+    _validate_layout(cfg)
     _check(cfg.data.seq_len > 0, "data.seq_len", "must be positive")
     _check(cfg.data.seq_len <= m.max_seq_len, "data.seq_len",
            f"{cfg.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
@@ -314,3 +317,25 @@ def save_config(cfg: Config, path: str | Path) -> None:
     from kis_megatron.utils import atomic_write_text
 
     atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def _validate_layout(cfg: Config) -> None:
+    """The parallel layout's checks that need no world size (those are in ParallelDims)."""
+    par, m = cfg.parallel, cfg.model
+    stages = par.pp * par.vpp
+    _check(par.vpp == 1 or par.pp > 1, "parallel.vpp", "virtual stages need parallel.pp > 1")
+    if par.pp_layers:
+        _check(len(par.pp_layers) == stages, "parallel.pp_layers",
+               f"has {len(par.pp_layers)} entries; it needs one per stage, pp * vpp = {stages}")
+        _check(min(par.pp_layers) >= 1 and sum(par.pp_layers) == m.n_layers, "parallel.pp_layers",
+               f"{par.pp_layers} must give every stage >= 1 layer and sum to model.n_layers={m.n_layers}")
+    else:
+        _check(stages <= m.n_layers, "parallel.pp",
+               f"pp * vpp = {stages} stages, but the model has only n_layers={m.n_layers}")
+    # Megatron keeps a second copy of a tied head on the last stage and all-reduces the two
+    # gradients; not built here, and large models (the reason for pp) are untied.
+    _check(par.pp == 1 or not m.tie_embeddings, "model.tie_embeddings",
+           "tied embeddings are not supported with parallel.pp > 1 (the embedding and the head "
+           "live on different stages); set model.tie_embeddings=false")
+    _check(not par.sp or cfg.data.seq_len % par.tp == 0, "data.seq_len",
+           f"{cfg.data.seq_len} must be divisible by parallel.tp={par.tp} with parallel.sp=true")

@@ -5,7 +5,8 @@ Single process on CPU::
     kis-train --config examples/tiny_cpu/train.yaml train.steps=200
 
 Data parallel on a GPU node (one process per GPU), or across nodes, under torchrun
-(``parallel.tp=N`` adds tensor parallelism: groups of N ranks share each model; dp is the rest)::
+(``parallel.tp=N`` adds tensor parallelism: groups of N ranks share each layer;
+``parallel.pp=M`` pipeline parallelism: M stages of layers; dp is the rest)::
 
     torchrun --nproc-per-node 8 -m kis_megatron.train --config examples/gpu_ladder/base.yaml ...
     torchrun --nnodes 4 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \
@@ -35,8 +36,9 @@ from kis_megatron.data.errors import DataError
 from kis_megatron.data.stream import TrainStream, build_train_stream, build_validation_windows
 from kis_megatron.interop.hf import load_init
 from kis_megatron.model.llama import Dims, Transformer, build_model, compile_blocks
-from kis_megatron.parallel.data_parallel import apply_ddp, no_grad_sync
+from kis_megatron.parallel.data_parallel import all_reduce_grads, apply_ddp, no_grad_sync
 from kis_megatron.parallel.dims import ParallelDims, destroy_distributed, init_distributed
+from kis_megatron.parallel.pipeline import Pipeline, PipelineLayout, check_microbatches
 from kis_megatron.parallel.tensor_parallel import apply_tp, check_tp, clip_grad_norm_
 from kis_megatron.training.checkpoint import CheckpointError, CheckpointManager, set_rng_state
 from kis_megatron.training.logger import MetricsLogger
@@ -97,6 +99,7 @@ class Trainer:
             raise ConfigError(f"train.global_batch={t.global_batch} must be a multiple of "
                               f"micro_batch * dp = {t.micro_batch * dp_size}")
         self.accum = t.global_batch // (t.micro_batch * dp_size)
+        check_microbatches(self.accum, cfg.parallel)
 
         self.tp_group = self.dims.tp_group
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", keep=cfg.checkpoint.keep,
@@ -109,20 +112,33 @@ class Trainer:
         self.stream: TrainStream = build_train_stream(cfg, dp_rank=dp_rank, dp_size=dp_size)
         self.val_windows = build_validation_windows(cfg)
         torch.manual_seed(t.seed)
-        self.model: Transformer = build_model(cfg.model, seed=t.seed, device=self.device)
+        self.model: Transformer = build_model(cfg.model, seed=t.seed, device="cpu")
         if cfg.model.init_from:
             load_init(self.model, cfg.model.init_from)
-        # Sizes of the whole model, counted before tensor parallelism leaves each rank a shard.
+        # Sizes of the whole model, counted before parallelism leaves each rank a part.
         self.model_sizes = {
             "model_params": self.model.num_params(),
             "model_params_non_embedding": self.model.num_params(non_embedding=True),
             "flops_per_token": self.model.flops_per_token(cfg.data.seq_len),
         }
-        apply_tp(self.model, self.tp_group)
+        layout = None
+        if self.dims.pp > 1:
+            layout = PipelineLayout(self.model.dims.n_layers, cfg.parallel, self.dims.pp_rank)
+            layout.prune(self.model)
+        self.model.to(self.device)
+        apply_tp(self.model, self.tp_group, sequence_parallel=cfg.parallel.sp)
         if t.compile:
             compile_blocks(self.model)
-        self.train_module = apply_ddp(self.model, self.dims, self.device)
-        self.optimizer = build_optimizer(self.model, t, self.device)
+        self.pipeline: Optional[Pipeline] = None
+        if layout is not None:
+            self.pipeline = Pipeline(self.model, layout, self.dims.pp_group, self.accum, self.device,
+                                     lambda: autocast_context(self.device, t.dtype))
+        else:
+            self.train_module = apply_ddp(self.model, self.dims, self.device)
+        # What evaluation calls: model(tokens) -> logits, model(tokens, targets) -> mean loss.
+        self.forward = self.pipeline or self.model
+        zero_group = self.dims.dp_group if cfg.parallel.zero1 else None
+        self.optimizer = build_optimizer(self.model, t, self.device, zero_group=zero_group)
         self.scheduler = build_scheduler(self.optimizer, t)
         self.step = 0
         if resume_from is not None:
@@ -147,6 +163,8 @@ class Trainer:
     def _load(self, path: Path) -> None:
         extra = self.ckpt.load(path, self.model, self.optimizer)
         self.scheduler.load_state_dict(extra["scheduler"])
+        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
+            group["lr"] = lr  # the loaded optimizer state may be another rank's (ZeRO, stages)
         self.stream.load_state_dict(extra["data"])
         set_rng_state(extra["rng"])
         self.step = extra["step"]
@@ -175,7 +193,7 @@ class Trainer:
         for i in range(0, len(self.val_windows), mb):
             tokens = self.val_windows[i:i + mb].to(self.device)
             with autocast_context(self.device, self.cfg.train.dtype):
-                losses.append(self.model(tokens[:, :-1], tokens[:, 1:]).float().item())
+                losses.append(self.forward(tokens[:, :-1], tokens[:, 1:]).float().item())
         self.model.train()
         return sum(losses) / len(losses)
 
@@ -186,16 +204,22 @@ class Trainer:
             record["val_loss"] = val
         if self.probes is not None:
             self.model.eval()
-            record.update(self.probes.run(self.model))
+            record.update(self.probes.run(self.forward))
             self.model.train()
         return record
 
     # ---------------------------------------------------------------- training
 
-    def train_step(self) -> tuple[float, float, dict]:
-        """One optimizer step over the global batch; returns (loss, grad_norm, data stats)."""
+    def forward_backward(self) -> tuple[torch.Tensor, dict]:
+        """Gradients of the global batch's mean loss, averaged over data-parallel ranks;
+        returns (that loss, data stats)."""
         batch = self.stream.next_batch()
         tokens = torch.from_numpy(batch.tokens).to(self.device, non_blocking=True)
+        if self.pipeline is not None:
+            loss = self.pipeline.train_step(tokens)
+            if self.dims.dp > 1:
+                all_reduce_grads(self.model, self.dims.dp_group)
+            return _mean_over_ranks(loss), batch.stats
         mb = self.cfg.train.micro_batch
         total = torch.zeros((), device=self.device)
         for i in range(self.accum):
@@ -205,17 +229,22 @@ class Trainer:
                     loss = self.train_module(chunk[:, :-1], chunk[:, 1:])
                 (loss / self.accum).backward()
             total += loss.detach().float()
-        loss = _mean_over_ranks(total / self.accum)
+        return _mean_over_ranks(total / self.accum), batch.stats
+
+    def train_step(self) -> tuple[float, float, dict]:
+        """One optimizer step over the global batch; returns (loss, grad_norm, data stats)."""
+        loss, stats = self.forward_backward()
         clip = self.cfg.train.grad_clip or math.inf
-        if self.tp_group is None:
+        if self.tp_group is None and self.pipeline is None:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip).item()
         else:
-            grad_norm = clip_grad_norm_(self.model.parameters(), clip, self.tp_group).item()
+            grad_norm = clip_grad_norm_(self.model.parameters(), clip, self.tp_group,
+                                        self.dims.pp_group).item()
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return loss.item(), grad_norm, batch.stats
+        return loss.item(), grad_norm, stats
 
     def _utilisation(self, tokens_per_s: float) -> dict:
         """Achieved model TFLOP/s per device and, on a GPU whose peak is known, MFU."""

@@ -142,6 +142,7 @@ class Transformer(nn.Module):
         cos, sin = rope_tables(d.head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.seq_multiple = 1  # tp under sequence parallelism: sequences are split tp ways
         self.reset_parameters(generator)
 
     @torch.no_grad()
@@ -162,17 +163,32 @@ class Transformer(nn.Module):
         B, T = tokens.shape
         if T > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds model.max_seq_len={self.cfg.max_seq_len}")
+        pad = -T % self.seq_multiple
+        if pad:  # causal: padding after the sequence never reaches its real positions
+            tokens = F.pad(tokens, (0, pad))
+            if targets is not None:
+                targets = F.pad(targets, (0, pad), value=-100)
+        h = self.tok_embeddings(tokens)  # (B, T, dim), or (B, T / tp, dim) sequence-parallel
+        h = self.run_layers(h, self.layers.values())
+        out = self.head(self.norm(h), targets)
+        return out[:, :T] if pad and targets is None else out
+
+    def run_layers(self, h: torch.Tensor, layers) -> torch.Tensor:
+        T = h.size(1) * self.seq_multiple
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]
-        h = self.tok_embeddings(tokens)  # (B, T, dim)
-        for layer in self.layers.values():
+        for layer in layers:
             h = layer(h, cos, sin)
-        h = self.norm(h)
+        return h
+
+    def head(self, h: torch.Tensor, targets: Optional[torch.Tensor] = None):
+        """The LM head on the final normalised hidden states: logits (B, T, V) without
+        targets, else the mean loss over targets that are not -100."""
         if targets is None:
-            return self.output(h).float()  # (B, T, V)
+            return self.output(h).float()
+        flat_h, flat_t = h.reshape(targets.numel(), -1), targets.reshape(-1)
         if hasattr(self.output, "cross_entropy"):  # a tensor-parallel head: loss over its shard
-            return self.output.cross_entropy(h.reshape(B * T, -1), targets.reshape(-1))
-        return ops.linear_cross_entropy(h.reshape(B * T, -1), self.output.weight, targets.reshape(-1),
-                                        fused=self.cfg.kernels)
+            return self.output.cross_entropy(flat_h, flat_t)
+        return ops.linear_cross_entropy(flat_h, self.output.weight, flat_t, fused=self.cfg.kernels)
 
     # ----------------------------------------------------------------- accounting
 

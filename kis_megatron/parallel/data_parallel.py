@@ -30,3 +30,22 @@ def no_grad_sync(module: torch.nn.Module, last_micro_batch: bool):
     if isinstance(module, DistributedDataParallel) and not last_micro_batch:
         return module.no_sync()
     return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def all_reduce_grads(model: torch.nn.Module, group) -> None:
+    """Average gradients over ``group`` in one flat all-reduce per dtype, after the pipeline
+    schedule has run every micro-batch's backward. Simpler than DDP inside each pipeline
+    stage, at the cost of DDP's overlap of communication with the last backward."""
+    import torch.distributed as dist
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    size = dist.get_world_size(group)
+    for dtype in {g.dtype for g in grads}:
+        same = [g for g in grads if g.dtype == dtype]
+        flat = _flatten_dense_tensors(same)
+        dist.all_reduce(flat, group=group)
+        flat.div_(size)
+        for g, reduced in zip(same, _unflatten_dense_tensors(flat, same)):
+            g.copy_(reduced)

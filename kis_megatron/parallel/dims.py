@@ -2,11 +2,10 @@
 tensor parallel groups, validated once and turned into a named DeviceMesh.
 
 torchrun sets WORLD_SIZE, RANK and LOCAL_RANK; ``parallel.tp`` and ``parallel.pp`` come from
-the config and data parallelism takes the rest (dp = world / (tp * pp)). This version builds
-the data- and tensor-parallel dimensions, mesh ``(dp, tp)`` with tp innermost (ranks
-0..tp-1 form the first tensor-parallel group, so a tensor-parallel group stays inside a
-node); pipeline, virtual-pipeline and sequence parallelism are refused with a clear error
-until they exist, so no layout ever trains silently in another shape.
+the config and data parallelism takes the rest (dp = world / (tp * pp)). The mesh is
+``(dp, pp, tp)`` with tp innermost, as in Megatron: ranks 0..tp-1 form the first
+tensor-parallel group, so the chattiest group stays inside a node, and pipeline neighbours
+are tp ranks apart.
 """
 
 from __future__ import annotations
@@ -30,7 +29,7 @@ class ParallelDims:
     dp: int
     tp: int = 1
     pp: int = 1
-    mesh: Optional[object] = field(default=None, repr=False, compare=False)  # DeviceMesh (dp, tp)
+    mesh: Optional[object] = field(default=None, repr=False, compare=False)  # DeviceMesh (dp, pp, tp)
 
     @property
     def dp_rank(self) -> int:
@@ -39,6 +38,10 @@ class ParallelDims:
     @property
     def tp_rank(self) -> int:
         return self.rank % self.tp  # tp is the innermost dimension
+
+    @property
+    def pp_rank(self) -> int:
+        return (self.rank // self.tp) % self.pp
 
     @property
     def is_main(self) -> bool:
@@ -54,6 +57,11 @@ class ParallelDims:
         """This rank's data-parallel group (ranks holding the same shards); None when dp == 1."""
         return self._group("dp") if self.dp > 1 else None
 
+    @property
+    def pp_group(self) -> Optional[dist.ProcessGroup]:
+        """This rank's pipeline group (one rank per stage); None when pp == 1."""
+        return self._group("pp") if self.pp > 1 else None
+
     def _group(self, name: str) -> dist.ProcessGroup:
         if self.mesh is None:
             raise RuntimeError("ParallelDims: call init_distributed before asking for process groups")
@@ -64,12 +72,8 @@ class ParallelDims:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         rank = int(os.environ.get("RANK", "0"))
         local = int(os.environ.get("LOCAL_RANK", "0"))
-        if cfg.pp > 1 or cfg.vpp > 1 or cfg.sp:
-            raise ConfigError("parallel.pp/vpp/sp: pipeline and sequence parallelism are not built "
-                              "yet; this version runs data and tensor parallel only (set "
-                              "parallel.pp=1 parallel.vpp=1 parallel.sp=false; parallel.tp may be > 1)")
-        if cfg.tp < 1:
-            raise ConfigError(f"parallel.tp={cfg.tp} must be >= 1")
+        if cfg.tp < 1 or cfg.pp < 1:
+            raise ConfigError(f"parallel.tp={cfg.tp} and parallel.pp={cfg.pp} must be >= 1")
         if world % (cfg.tp * cfg.pp):
             raise ConfigError(f"world size {world} is not a multiple of parallel.tp * parallel.pp = "
                               f"{cfg.tp * cfg.pp}")
@@ -79,7 +83,7 @@ class ParallelDims:
 
 def init_distributed(dims: ParallelDims, device: torch.device, timeout_s: int) -> Optional[dist.ProcessGroup]:
     """Join the process group torchrun describes (NCCL on CUDA, gloo on CPU) and build the
-    (dp, tp) mesh on ``dims``. A timeout on every collective bounds how long a rank waits
+    (dp, pp, tp) mesh on ``dims``. A timeout on every collective bounds how long a rank waits
     for a peer that died."""
     if dims.world_size == 1:
         return None
@@ -91,7 +95,8 @@ def init_distributed(dims: ParallelDims, device: torch.device, timeout_s: int) -
     if dims.mesh is None:
         from torch.distributed.device_mesh import init_device_mesh
 
-        dims.mesh = init_device_mesh(device.type, (dims.dp, dims.tp), mesh_dim_names=("dp", "tp"))
+        dims.mesh = init_device_mesh(device.type, (dims.dp, dims.pp, dims.tp),
+                                     mesh_dim_names=("dp", "pp", "tp"))
     return dist.group.WORLD
 
 

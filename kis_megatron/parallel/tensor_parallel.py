@@ -9,6 +9,11 @@ result), so a block costs one all-reduce forward and one backward per sublayer. 
 embedding and the LM head split by vocabulary rows; the loss runs over the vocabulary shards
 through ``ops.linear_cross_entropy(..., group=)``, never gathering the logits.
 
+Sequence parallelism (``parallel.sp``, Korthikanti et al. 2022) splits the rest, the norms
+and the residual stream, along the sequence: each all-reduce becomes a reduce-scatter (after
+the row-parallel layer) and an all-gather (after the next norm), the same bytes on the wire,
+and the activations outside attention and MLP take 1/tp of the memory.
+
 Every layer is built from the full ``nn.Linear`` / ``nn.Embedding`` of the single-process
 model by slicing this rank's part, so a tensor-parallel run starts from exactly the weights
 of the single-process run with the same seed. Sharded parameters carry ``_tp_shard_dim``
@@ -27,90 +32,20 @@ from torch import nn
 
 from kis_megatron.config import ConfigError
 from kis_megatron.model import ops
-
-# ---------------------------------------------------------------------------- communication
-
-
-def _world(group) -> int:
-    return dist.get_world_size(group)
-
-
-def _all_gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
-    parts = [torch.empty_like(x) for _ in range(_world(group))]
-    dist.all_gather(parts, x.contiguous(), group=group)
-    return torch.cat(parts, dim=dim)
-
-
-def _split(x: torch.Tensor, dim: int, group) -> torch.Tensor:
-    size = x.size(dim) // _world(group)
-    return x.narrow(dim, dist.get_rank(group) * size, size).contiguous()
-
-
-class _CopyToTP(torch.autograd.Function):
-    """forward: identity, backward: all-reduce."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None
-
-
-class _ReduceFromTP(torch.autograd.Function):
-    """forward: all-reduce, backward: identity."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        x = x.contiguous().clone()
-        dist.all_reduce(x, group=group)
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
-
-
-class _GatherFromTP(torch.autograd.Function):
-    """forward: all-gather along the last dim, backward: split along the last dim."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _all_gather(x, -1, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _split(grad, -1, ctx.group), None
-
-
-def copy_to_tp(x: torch.Tensor, group) -> torch.Tensor:
-    return _CopyToTP.apply(x, group)
-
-
-def reduce_from_tp(x: torch.Tensor, group) -> torch.Tensor:
-    return _ReduceFromTP.apply(x, group)
-
-
-def gather_from_tp(x: torch.Tensor, group) -> torch.Tensor:
-    return _GatherFromTP.apply(x, group)
-
+from kis_megatron.parallel.comm import (all_gather, copy_to_tp, gather_from_tp, gather_seq,
+                                        reduce_from_tp, reduce_scatter_seq, split, world)
 
 # ---------------------------------------------------------------------------- sharding helpers
 
 
 def shard_of(full: torch.Tensor, dim: int, group) -> torch.Tensor:
     """This rank's contiguous slice of ``full`` along ``dim`` (a copy)."""
-    return _split(full.detach(), dim, group).clone()
+    return split(full.detach(), dim, group).clone()
 
 
 def full_of(shard: torch.Tensor, dim: int, group) -> torch.Tensor:
     """The whole tensor, all-gathered from every rank's ``shard`` along ``dim``."""
-    return _all_gather(shard.detach(), dim, group)
+    return all_gather(shard.detach(), dim, group)
 
 
 def _sharded_param(full: torch.Tensor, dim: int, group) -> nn.Parameter:
@@ -124,68 +59,98 @@ def _sharded_param(full: torch.Tensor, dim: int, group) -> nn.Parameter:
 
 class ColumnParallelLinear(nn.Module):
     """``y_r = x @ W_r.T`` with W split by output rows: the output stays sharded (it feeds a
-    row-parallel layer, Megatron's ``gather_output=False``). No bias."""
+    row-parallel layer, Megatron's ``gather_output=False``). No bias. With sequence
+    parallelism the input arrives all-gathered by the norm before it, whose backward already
+    sums the ranks' input gradients, so there is no copy here."""
 
-    def __init__(self, linear: nn.Linear, group):
+    def __init__(self, linear: nn.Linear, group, sequence_parallel: bool = False):
         super().__init__()
         if linear.bias is not None:
             raise ValueError("ColumnParallelLinear: a Linear with bias is not supported")
-        self.group = group
+        self.group, self.sequence_parallel = group, sequence_parallel
         self.weight = _sharded_param(linear.weight, 0, group)  # (out / tp, in)
 
     def forward(self, x):
-        return F.linear(copy_to_tp(x, self.group), self.weight)
+        if not self.sequence_parallel:
+            x = copy_to_tp(x, self.group)
+        return F.linear(x, self.weight)
 
 
 class RowParallelLinear(nn.Module):
     """``y = sum_r x_r @ W_r.T`` with W split by input columns and its input already sharded
     (Megatron's ``input_is_parallel=True``); the partial outputs are all-reduced. No bias."""
 
-    def __init__(self, linear: nn.Linear, group):
+    def __init__(self, linear: nn.Linear, group, sequence_parallel: bool = False):
         super().__init__()
         if linear.bias is not None:
             raise ValueError("RowParallelLinear: a Linear with bias is not supported")
-        self.group = group
+        self.group, self.sequence_parallel = group, sequence_parallel
         self.weight = _sharded_param(linear.weight, 1, group)  # (out, in / tp)
 
     def forward(self, x):
-        return reduce_from_tp(F.linear(x, self.weight), self.group)
+        y = F.linear(x, self.weight)
+        if self.sequence_parallel:  # each rank keeps the summed rows of its sequence slice
+            return reduce_scatter_seq(y, self.group)
+        return reduce_from_tp(y, self.group)
 
 
 class VocabParallelEmbedding(nn.Module):
     """Embedding split by vocabulary rows: each rank looks up the ids it owns (zeros for the
     others) and the partial rows are all-reduced."""
 
-    def __init__(self, embedding: nn.Embedding, group, weight: Optional[nn.Parameter] = None):
+    def __init__(self, embedding: nn.Embedding, group, sequence_parallel: bool = False):
         super().__init__()
-        self.group = group
-        self.weight = weight if weight is not None else _sharded_param(embedding.weight, 0, group)
+        self.group, self.sequence_parallel = group, sequence_parallel
+        self.weight = _sharded_param(embedding.weight, 0, group)
         self.vocab_start = dist.get_rank(group) * self.weight.shape[0]
 
     def forward(self, ids):
         local = ids - self.vocab_start
         foreign = (local < 0) | (local >= self.weight.shape[0])
         h = F.embedding(local.masked_fill(foreign, 0), self.weight)  # (B, T, dim)
-        return reduce_from_tp(h.masked_fill(foreign[..., None], 0.0), self.group)
+        h = h.masked_fill(foreign[..., None], 0.0)
+        if self.sequence_parallel:
+            return reduce_scatter_seq(h, self.group)
+        return reduce_from_tp(h, self.group)
 
 
 class VocabParallelLMHead(nn.Module):
     """The LM head split by vocabulary rows. ``forward`` gives the full logits (all-gathered,
     for probes and generation); ``cross_entropy`` the loss without gathering them."""
 
-    def __init__(self, linear: nn.Linear, group, fused: bool, weight: Optional[nn.Parameter] = None):
+    def __init__(self, linear: nn.Linear, group, fused: bool, weight: Optional[nn.Parameter] = None,
+                 sequence_parallel: bool = False):
         super().__init__()
-        self.group, self.fused = group, fused
+        self.group, self.fused, self.sequence_parallel = group, fused, sequence_parallel
         self.weight = weight if weight is not None else _sharded_param(linear.weight, 0, group)
 
+    def _input(self, h):
+        # The gradient reaching h is this rank's partial over its vocabulary shard: the copy's
+        # backward all-reduce completes it (with sequence parallelism, the final norm's
+        # gather does, by its reduce-scatter).
+        return h if self.sequence_parallel else copy_to_tp(h, self.group)
+
     def forward(self, h):
-        return gather_from_tp(F.linear(copy_to_tp(h, self.group), self.weight), self.group)
+        return gather_from_tp(F.linear(self._input(h), self.weight), self.group)
 
     def cross_entropy(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        # The kernel's gradient for h is this rank's partial over its vocabulary shard; the
-        # copy's backward all-reduce completes it.
-        return ops.linear_cross_entropy(copy_to_tp(h, self.group), self.weight, targets,
+        return ops.linear_cross_entropy(self._input(h), self.weight, targets,
                                         fused=self.fused, group=self.group)
+
+
+class SequenceParallelNorm(nn.Module):
+    """RMSNorm over this rank's slice of the sequence, then the all-gather that hands the
+    next tensor-parallel layer the full sequence. Each rank's weight gradient covers only its
+    slice, so the weight enters through ``copy_to_tp``, whose backward sums them."""
+
+    def __init__(self, norm: nn.Module, group):
+        super().__init__()
+        self.group, self.eps, self.fused = group, norm.eps, norm.fused
+        self.weight = norm.weight  # same Parameter and name as the plain model's
+
+    def forward(self, x):
+        y = ops.rms_norm(x, copy_to_tp(self.weight, self.group), self.eps, fused=self.fused)
+        return gather_seq(y, self.group)
 
 
 # ---------------------------------------------------------------------------- apply
@@ -207,27 +172,41 @@ def check_tp(cfg, tp: int) -> None:
                               f"{tp}, or a parallel.tp that divides it)")
 
 
-def apply_tp(model: nn.Module, tp_group) -> nn.Module:
-    """Shard the plain ``Transformer`` across ``tp_group`` in place and return it.
+def apply_tp(model: nn.Module, tp_group, sequence_parallel: bool = False) -> nn.Module:
+    """Shard the plain ``Transformer`` (or a pipeline stage's part of it) across ``tp_group``
+    in place and return it.
 
     Call before ``compile_blocks`` and data parallelism, after any weight loading (the
     shards are cut from the weights the model holds). A tied head keeps sharing the
-    embedding's shard. With ``tp_group`` None (tp == 1) the model is returned unchanged."""
-    if tp_group is None or _world(tp_group) == 1:
+    embedding's shard. ``sequence_parallel``: the residual stream between layers is split
+    along the sequence (the model pads a sequence to a multiple of tp). With ``tp_group``
+    None (tp == 1) the model is returned unchanged."""
+    if tp_group is None or world(tp_group) == 1:
         return model
-    check_tp(model.dims, _world(tp_group))
-    tied = model.output.weight is model.tok_embeddings.weight
+    tp, sp = world(tp_group), sequence_parallel
+    check_tp(model.dims, tp)
+    emb, head = model.tok_embeddings, model.output
+    tied = emb is not None and head is not None and head.weight is emb.weight
     for block in model.layers.values():
         attn, ffn = block.attn, block.ffn
         for name in ("wq", "wk", "wv"):
-            setattr(attn, name, ColumnParallelLinear(getattr(attn, name), tp_group))
-        attn.wo = RowParallelLinear(attn.wo, tp_group)
-        ffn.w_gate = ColumnParallelLinear(ffn.w_gate, tp_group)
-        ffn.w_up = ColumnParallelLinear(ffn.w_up, tp_group)
-        ffn.w_down = RowParallelLinear(ffn.w_down, tp_group)
-    model.tok_embeddings = VocabParallelEmbedding(model.tok_embeddings, tp_group)
-    model.output = VocabParallelLMHead(model.output, tp_group, fused=model.cfg.kernels,
-                                       weight=model.tok_embeddings.weight if tied else None)
+            setattr(attn, name, ColumnParallelLinear(getattr(attn, name), tp_group, sp))
+        attn.wo = RowParallelLinear(attn.wo, tp_group, sp)
+        ffn.w_gate = ColumnParallelLinear(ffn.w_gate, tp_group, sp)
+        ffn.w_up = ColumnParallelLinear(ffn.w_up, tp_group, sp)
+        ffn.w_down = RowParallelLinear(ffn.w_down, tp_group, sp)
+        if sp:
+            block.attn_norm = SequenceParallelNorm(block.attn_norm, tp_group)
+            block.ffn_norm = SequenceParallelNorm(block.ffn_norm, tp_group)
+    if emb is not None:
+        model.tok_embeddings = VocabParallelEmbedding(emb, tp_group, sp)
+    if head is not None:
+        model.output = VocabParallelLMHead(head, tp_group, fused=model.cfg.kernels, sequence_parallel=sp,
+                                           weight=model.tok_embeddings.weight if tied else None)
+    if sp:
+        if model.norm is not None:
+            model.norm = SequenceParallelNorm(model.norm, tp_group)
+        model.seq_multiple = tp
     return model
 
 
@@ -235,15 +214,17 @@ def apply_tp(model: nn.Module, tp_group) -> nn.Module:
 
 
 @torch.no_grad()
-def clip_grad_norm_(parameters: Iterable[nn.Parameter], max_norm: float, tp_group) -> torch.Tensor:
+def clip_grad_norm_(parameters: Iterable[nn.Parameter], max_norm: float, tp_group,
+                    pp_group=None) -> torch.Tensor:
     """Clip gradients by their global L2 norm and return that norm (as torch's
-    ``clip_grad_norm_``), where a sharded parameter's squares are summed over ``tp_group``
-    and a replicated one's (identical on every rank) are counted once."""
+    ``clip_grad_norm_``), where a sharded parameter's squares are summed over ``tp_group``,
+    a replicated one's (identical on every rank) are counted once, and the stages of
+    ``pp_group`` (each holding different parameters) add theirs."""
     grads = [(p.grad, getattr(p, "_tp_shard_dim", None) is not None)
              for p in parameters if p.grad is not None]
-    if not grads:
+    if not grads and pp_group is None:
         return torch.zeros(())
-    device = grads[0][0].device
+    device = grads[0][0].device if grads else torch.device("cpu")
     dtype = torch.float32  # at least fp32 for bf16 grads; float64 grads keep float64
     for g, _ in grads:
         dtype = torch.promote_types(dtype, g.dtype)
@@ -257,7 +238,10 @@ def clip_grad_norm_(parameters: Iterable[nn.Parameter], max_norm: float, tp_grou
             replicated += sq
     if tp_group is not None:
         dist.all_reduce(sharded, group=tp_group)
-    total = (sharded + replicated).sqrt()
+    total = sharded + replicated
+    if pp_group is not None:
+        dist.all_reduce(total, group=pp_group)
+    total = total.sqrt()
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0) if math.isfinite(max_norm) else None
     if coef is not None:
         for g, _ in grads:

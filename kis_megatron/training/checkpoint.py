@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_state_dict,
     set_model_state_dict,
@@ -38,6 +39,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from kis_megatron.parallel.tensor_parallel import full_of, shard_of
+from kis_megatron.training.optim import local_optimizer
 from kis_megatron.utils import atomic_write_text
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -89,27 +91,25 @@ def _shard_dims(model: torch.nn.Module) -> dict[str, int]:
             if getattr(p, "_tp_shard_dim", None) is not None}
 
 
-def _detached(msd: dict, osd: Optional[dict]) -> tuple[dict, Optional[dict]]:
-    """Shallow copies of the state dicts whose tensors can be swapped without touching the
-    live model or optimizer state (their per-parameter dicts can be the optimizer's own)."""
-    if osd is not None:
-        osd = {**osd, "state": {k: dict(v) for k, v in osd.get("state", {}).items()}}
-    return dict(msd), osd
+# The optimizer state flattened to one key per parameter and entry ("state.<fqn>.exp_avg",
+# "param_groups.<fqn>.lr"): every rank then holds exactly the keys of the parameters it
+# steps, so a pipeline stage or a ZeRO-1 shard saves its part and loads any other.
+_FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
 
 
 def _sharded_entries(model, msd: dict, osd: Optional[dict]):
-    """(container, key, shard dim) of every sharded tensor in the model and optimizer state
-    dicts: parameters, and optimizer states shaped like their parameter (Adam's moments)."""
+    """(container, key, shard dim) of every sharded tensor in the model and (flattened)
+    optimizer state dicts: parameters, and states shaped like their parameter (Adam's moments)."""
     dims = _shard_dims(model)
     params = dict(model.named_parameters(remove_duplicate=False))
     for name, d in dims.items():
         if name in msd:
             yield msd, name, d
-    for name, state in (osd or {}).get("state", {}).items():
-        if name in dims:
-            for key, value in state.items():
-                if torch.is_tensor(value) and value.shape == params[name].shape:
-                    yield state, key, dims[name]
+    for key, value in (osd or {}).items():
+        fqn = key.removeprefix("state.").rpartition(".")[0]
+        if key.startswith("state.") and fqn in dims and torch.is_tensor(value) \
+                and value.shape == params[fqn].shape:
+            yield osd, key, dims[fqn]
 
 
 class CheckpointManager:
@@ -158,9 +158,9 @@ class CheckpointManager:
                 shutil.rmtree(tmp)
             tmp.mkdir()
         _barrier()
-        msd, osd = get_state_dict(model, optimizer)
+        msd, osd = get_state_dict(model, local_optimizer(optimizer), options=_FLAT)
         if self.tp_group is not None:
-            msd, osd = _detached(msd, osd)
+            msd, osd = dict(msd), dict(osd)  # swap in full tensors without touching live state
             for container, key, dim in list(_sharded_entries(model, msd, osd)):
                 container[key] = full_of(container[key], dim, self.tp_group)
         _dcp_quietly(dcp.save, {"model": msd, "optim": osd}, checkpoint_id=str(tmp))
@@ -192,14 +192,10 @@ class CheckpointManager:
         if not (path / "COMPLETE").is_file():
             raise CheckpointError(f"{path} is not a complete checkpoint (no COMPLETE marker)")
         if optimizer is None:
-            state = {"model": get_model_state_dict(model)}
+            state = {"model": dict(get_model_state_dict(model))}
         else:
-            msd, osd = get_state_dict(model, optimizer)
-            state = {"model": msd, "optim": osd}
-        if self.tp_group is not None:
-            state["model"], state["optim"] = _detached(state["model"], state.get("optim"))
-            if optimizer is None:
-                del state["optim"]
+            msd, osd = get_state_dict(model, local_optimizer(optimizer), options=_FLAT)
+            state = {"model": dict(msd), "optim": dict(osd)}
         sharded = [] if self.tp_group is None else list(_sharded_entries(model, state["model"], state.get("optim")))
         for container, key, dim in sharded:  # read the full tensor, keep this rank's slice
             shape = list(container[key].shape)
@@ -211,7 +207,8 @@ class CheckpointManager:
         if optimizer is None:
             set_model_state_dict(model, state["model"])
         else:
-            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+            set_state_dict(model, local_optimizer(optimizer), model_state_dict=state["model"],
+                           optim_state_dict=state["optim"], options=_FLAT)
         extra_file = path / f"extra_rank{_rank()}.pt"
         if not extra_file.is_file():
             extra_file = path / "extra_rank0.pt"  # a run resumed on a different layout

@@ -2,7 +2,9 @@
 
 The optimizer is apex's FusedAdam when apex is installed (detected at run time: it is not on
 PyPI), else torch's AdamW with ``fused=True`` on CUDA and the default implementation on CPU.
-Norm weights (1-D parameters) get no weight decay, as in Llama and Megatron.
+Norm weights (1-D parameters) get no weight decay, as in Llama and Megatron. With
+``parallel.zero1`` it is wrapped in torch's ZeroRedundancyOptimizer: each data-parallel rank
+keeps the AdamW state of its share of the parameters, steps them, and broadcasts them.
 """
 
 from __future__ import annotations
@@ -34,15 +36,33 @@ def apex_fused_adam():
     return FusedAdam
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    groups = _param_groups(model, cfg.weight_decay)
+def _adamw(cfg: TrainConfig, device: torch.device) -> tuple[type, dict]:
     kw = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
     if device.type == "cuda":
         fused_adam = apex_fused_adam()
         if fused_adam is not None:
-            return fused_adam(groups, adam_w_mode=True, **kw)
-        return torch.optim.AdamW(groups, fused=True, **kw)
-    return torch.optim.AdamW(groups, foreach=False, **kw)
+            return fused_adam, {**kw, "adam_w_mode": True}
+        return torch.optim.AdamW, {**kw, "fused": True}
+    return torch.optim.AdamW, {**kw, "foreach": False}
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device,
+                    zero_group=None) -> torch.optim.Optimizer:
+    """AdamW over ``model``'s parameters; ZeRO-1 sharded over ``zero_group`` when given."""
+    groups = _param_groups(model, cfg.weight_decay)
+    cls, kw = _adamw(cfg, device)
+    if zero_group is None:
+        return cls(groups, **kw)
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    return ZeroRedundancyOptimizer(groups, optimizer_class=cls, process_group=zero_group, **kw)
+
+
+def local_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The optimizer that holds this rank's state: ZeRO's inner one, else ``optimizer``."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    return optimizer.optim if isinstance(optimizer, ZeroRedundancyOptimizer) else optimizer
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
