@@ -6,41 +6,16 @@ import json
 
 import pytest
 
-from _corpus import tiny_overrides, torchrun, train_rows
+from _compare import assert_same_run, assert_same_weights, weights_at
+from _corpus import tiny_overrides, torchrun
 from kis_megatron.config import ConfigError, load_config
-from kis_megatron.model.llama import Dims, build_model
+from kis_megatron.model.llama import Dims
 from kis_megatron.parallel.tensor_parallel import check_tp
 from kis_megatron.train import Trainer
-from kis_megatron.training.checkpoint import CheckpointManager
 
 STEPS = 4
 COMMON = {"train.steps": STEPS, "train.global_batch": 8, "train.micro_batch": 2,
           "checkpoint.interval": 2, "checkpoint.keep": 3}
-
-
-def weights_at(run_dir, step, cfg):
-    """The parameters of a checkpoint, loaded into a plain single-process model."""
-    model = build_model(cfg.model, seed=0)
-    CheckpointManager(run_dir / "checkpoints").load(run_dir / "checkpoints" / f"step_{step:08d}", model, None)
-    return dict(model.named_parameters())
-
-
-def assert_same_run(reference, other, steps):
-    a, b = train_rows(reference), train_rows(other)
-    assert sorted(b) == list(steps)
-    for step in steps:
-        for key in ("loss", "grad_norm"):
-            assert abs(a[step][key] - b[step][key]) <= 1e-5 * abs(a[step][key]), (step, key, a[step], b[step])
-
-
-def assert_same_weights(wa, wb):
-    """Each tensor within 1e-5 of the reference, relative in L2 norm. Not elementwise: Adam's
-    first steps move a weight by about lr * sign(grad), so an element whose gradient is
-    near zero amplifies the last-bit differences of a split matmul far beyond the rest."""
-    assert wa.keys() == wb.keys()
-    for name, p in wa.items():
-        rel = ((wb[name] - p).norm() / p.norm()).item()
-        assert rel <= 1e-5, (name, rel)
 
 
 @pytest.fixture(scope="module")
