@@ -16,9 +16,9 @@ with no permutation of q/k rows; ``tests/interop`` proves it by comparing logits
 
 Whatever one side can express and the other cannot (RoPE scaling, biases, another activation,
 a head_dim that is not hidden/heads, ...) is an ``InteropError`` naming the field, never a
-silent difference. Checkpoints of any data- or tensor-parallel layout export (they hold full
-tensors); an imported model can be trained at any tp, since the weights are loaded before
-``apply_tp`` shards them.
+silent difference. Checkpoints of any (dp, tp, pp) layout export (they hold full tensors);
+an imported model can be trained at any layout, since the weights are loaded before the
+pipeline split and ``apply_tp``.
 """
 
 from __future__ import annotations
@@ -292,11 +292,9 @@ def export_hf(run_dir_or_checkpoint: str | Path, out_dir: str | Path,
     max_bytes = parse_size(max_shard_size)
     run_dir, ckpt = _locate(run_dir_or_checkpoint, checkpoint)
     cfg = load_config(run_dir / "config.yaml")
-    p = cfg.parallel
-    # Checkpoints hold full, layout-free tensors (a tensor-parallel save gathers its shards),
-    # so a run of any data- or tensor-parallel layout loads into one process here.
-    if p.pp > 1 or p.vpp > 1:
-        raise InteropError("parallel.pp/vpp > 1: pipeline-parallel checkpoints are not supported")
+    # Checkpoints hold full, layout-free tensors under the single-process names (a
+    # tensor-parallel save gathers its shards, each pipeline stage writes its layers), so a
+    # run of any layout loads into one process here.
     tok_path = Path(tokenizer or cfg.data.tokenizer or "")
     if not (tokenizer or cfg.data.tokenizer):
         raise InteropError(f"{run_dir}/config.yaml has no data.tokenizer; pass the tokenizer "

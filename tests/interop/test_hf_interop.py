@@ -238,12 +238,14 @@ def test_clis_report_user_errors(tmp_path):
         assert "Traceback" not in proc.stderr
 
 
-def test_tensor_parallel_checkpoint_round_trip(world_corpus, tmp_path):
-    """A tp=2 run (2 gloo processes) exports to HF with the logits of the same checkpoint
-    loaded into one process, and an HF import starts a tp=2 run from exactly those weights."""
-    run = tmp_path / "tp2"
-    over = tiny_overrides(world_corpus, run, **{"train.steps": 2, "parallel.tp": 2, "model.init_std": 0.1})
-    proc = torchrun(2, "-m", "kis_megatron.train", *over)
+def test_tp2_pp2_checkpoint_round_trip(world_corpus, tmp_path):
+    """A tp=2 x pp=2 run (4 gloo processes) exports to HF with the logits of the same
+    checkpoint loaded into one process, and an HF import starts a tp=2 x pp=2 run from exactly
+    those weights."""
+    run = tmp_path / "tp2_pp2"
+    layout = {"parallel.tp": 2, "parallel.pp": 2, "model.tie_embeddings": False}
+    over = tiny_overrides(world_corpus, run, **{"train.steps": 2, "model.init_std": 0.1, **layout})
+    proc = torchrun(4, "-m", "kis_megatron.train", *over)
     assert proc.returncode == 0, proc.stderr[-3000:]
     export_hf(run, tmp_path / "hf")
     cfg = load_config(run / "config.yaml")
@@ -256,13 +258,13 @@ def test_tensor_parallel_checkpoint_round_trip(world_corpus, tmp_path):
     tokens = _tokens()
     with torch.no_grad():
         _assert_logits_close(hf(input_ids=tokens).logits, ours.eval()(tokens))
-    # back in at tp=2: the first step's loss equals that of a tp=1 run from the same weights
+    # back in at tp=2 x pp=2: the first step's loss equals that of one process from the same weights
     losses = {}
-    for tp in (1, 2):
-        d = tmp_path / f"from_hf_tp{tp}"
-        args = tiny_overrides(world_corpus, d, **{"train.steps": 1, "parallel.tp": tp,
-                                                   "model.init_from": f"hf:{tmp_path / 'hf'}"})
-        proc = torchrun(tp, "-m", "kis_megatron.train", *args)
+    for nproc in (1, 4):
+        d = tmp_path / f"from_hf_{nproc}"
+        args = tiny_overrides(world_corpus, d, **{"train.steps": 1, "model.init_from": f"hf:{tmp_path / 'hf'}",
+                                                   **(layout if nproc == 4 else {"model.tie_embeddings": False})})
+        proc = torchrun(nproc, "-m", "kis_megatron.train", *args)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        losses[tp] = train_rows(d)[1]["loss"]
-    assert abs(losses[1] - losses[2]) <= 1e-5 * losses[1]
+        losses[nproc] = train_rows(d)[1]["loss"]
+    assert abs(losses[1] - losses[4]) <= 1e-5 * losses[1]

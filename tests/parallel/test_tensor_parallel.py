@@ -70,14 +70,16 @@ gen = torch.Generator().manual_seed(1)
 tokens = torch.randint(0, 64, (2, 12), generator=gen)
 targets = torch.randint(0, 64, (2, 12), generator=gen)
 targets[0, :3] = -100
-for fused in (True, False):
+for fused, sp in ((True, False), (False, False), (True, True)):
     cfg = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48,
                       max_seq_len=16, tie_embeddings=True, kernels=fused)
     full = build_model(cfg, seed=3).double()
-    tp = apply_tp(build_model(cfg, seed=3).double(), group)
+    tp = apply_tp(build_model(cfg, seed=3).double(), group, sequence_parallel=sp)
     assert tp.output.weight is tp.tok_embeddings.weight  # still tied, to the same shard
     assert tp.tok_embeddings.weight.shape == (32, 32) and tp.layers["0"].attn.wk.weight.shape == (8, 32)
     torch.testing.assert_close(tp(tokens), full(tokens), rtol=0, atol=1e-12)
+    # An odd length: sequence parallelism pads it to a multiple of tp, invisibly.
+    torch.testing.assert_close(tp(tokens[:, :11]), full(tokens[:, :11]), rtol=0, atol=1e-12)
     loss_tp, loss_full = tp(tokens, targets), full(tokens, targets)
     # The plain path's unsharded loss rounds logits to float32 (ops.linear_cross_entropy).
     tol = 1e-12 if fused else 1e-6
@@ -104,7 +106,8 @@ print("layers ok")
 
 def test_layers_and_clipping_match_float64(tmp_path):
     """Tied embeddings, GQA head split, gathered logits, loss, every gradient (fused and
-    plain loss paths) and the clipped global norm equal the unsharded model's in float64."""
+    plain loss paths, and sequence-parallel) and the clipped global norm equal the unsharded
+    model's in float64."""
     script = tmp_path / "layers.py"
     script.write_text(LAYERS_SCRIPT)
     proc = torchrun(2, str(script))
