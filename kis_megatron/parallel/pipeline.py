@@ -11,6 +11,9 @@ more when it does not divide, unless ``parallel.pp_layers`` lists the layers of 
 Each rank keeps ONE ``Transformer`` holding only what its chunks own, under the same
 parameter names as the full model (layers stay keyed by global index), so the optimizer,
 clipping and checkpoints see a model like any other and a checkpoint reshards to any layout.
+It is cut from the full model built from the seed on the CPU, so every layout starts from the
+same weights (a model too large for one host's memory per rank would need meta-device
+initialisation, not built).
 """
 
 from __future__ import annotations
