@@ -332,10 +332,5 @@ def _validate_layout(cfg: Config) -> None:
     else:
         _check(stages <= m.n_layers, "parallel.pp",
                f"pp * vpp = {stages} stages, but the model has only n_layers={m.n_layers}")
-    # Megatron keeps a second copy of a tied head on the last stage and all-reduces the two
-    # gradients; not built here, and large models (the reason for pp) are untied.
-    _check(par.pp == 1 or not m.tie_embeddings, "model.tie_embeddings",
-           "tied embeddings are not supported with parallel.pp > 1 (the embedding and the head "
-           "live on different stages); set model.tie_embeddings=false")
     _check(not par.sp or cfg.data.seq_len % par.tp == 0, "data.seq_len",
            f"{cfg.data.seq_len} must be divisible by parallel.tp={par.tp} with parallel.sp=true")

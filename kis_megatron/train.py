@@ -38,7 +38,7 @@ from kis_megatron.interop.hf import load_init
 from kis_megatron.model.llama import Dims, Transformer, build_model, compile_blocks
 from kis_megatron.parallel.data_parallel import all_reduce_grads, apply_ddp, no_grad_sync
 from kis_megatron.parallel.dims import ParallelDims, destroy_distributed, init_distributed
-from kis_megatron.parallel.pipeline import Pipeline, PipelineLayout, check_microbatches
+from kis_megatron.parallel.pipeline import Pipeline, PipelineLayout, check_microbatches, tied_embedding_group
 from kis_megatron.parallel.tensor_parallel import apply_tp, check_tp, clip_grad_norm_
 from kis_megatron.training.checkpoint import CheckpointError, CheckpointManager, set_rng_state
 from kis_megatron.training.logger import MetricsLogger
@@ -131,8 +131,11 @@ class Trainer:
             compile_blocks(self.model)
         self.pipeline: Optional[Pipeline] = None
         if layout is not None:
+            tied = tied_embedding_group(self.dims) if cfg.model.tie_embeddings else None
             self.pipeline = Pipeline(self.model, layout, self.dims.pp_group, self.accum, self.device,
-                                     lambda: autocast_context(self.device, t.dtype))
+                                     lambda: autocast_context(self.device, t.dtype), tied_group=tied)
+            if tied is not None and not layout.has_first:  # the head's optimizer state is the embedding's
+                self.ckpt.optim_aliases = {"output.weight": "tok_embeddings.weight"}
         else:
             self.train_module = apply_ddp(self.model, self.dims, self.device)
         # What evaluation calls: model(tokens) -> logits, model(tokens, targets) -> mean loss.

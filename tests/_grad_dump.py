@@ -37,6 +37,8 @@ def save_grads(trainer: Trainer, out: str) -> None:
     dims = trainer.dims
     grads = {}
     for name, p in trainer.model.named_parameters():
+        if getattr(p, "_tied_copy", False):  # the last stage's copy of a tied embedding
+            continue
         g = p.grad.detach()
         dim = getattr(p, "_tp_shard_dim", None)
         grads[name] = full_of(g, dim, dims.tp_group) if dim is not None else g.clone()

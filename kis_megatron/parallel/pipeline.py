@@ -110,17 +110,43 @@ class PipelineChunk(nn.Module):
         return self.norm(x) if self.norm is not None else x
 
 
+def tied_embedding_group(dims):
+    """The group of the two ranks, first and last stage of one pipeline, that hold the same
+    (tensor-parallel shard of a) tied embedding; None on the other ranks. Every rank must
+    call this, in the same order (``new_group`` is collective)."""
+    mine = None
+    for dp in range(dims.dp):
+        for tp in range(dims.tp):
+            base = dp * dims.pp * dims.tp + tp
+            ranks = [base, base + (dims.pp - 1) * dims.tp]
+            group = dist.new_group(ranks)
+            if dims.rank in ranks:
+                mine = group
+    return mine
+
+
 class Pipeline:
     """Runs training steps and forward-only evaluation through this rank's stages.
 
-    Build after tensor parallelism and compilation have been applied to the pruned model."""
+    Build after tensor parallelism and compilation have been applied to the pruned model.
+
+    Tied embeddings (Megatron's scheme): the last stage keeps its own copy of the embedding
+    as its head, equal at the start (both cut from the same full model); after each backward
+    the two copies' gradients are summed over ``tied_group``, so they stay equal. The copy
+    is marked ``_tied_copy`` so the gradient norm counts it once."""
 
     def __init__(self, model: nn.Module, layout: PipelineLayout, group, n_microbatches: int,
-                 device: torch.device, autocast):
+                 device: torch.device, autocast, tied_group=None):
         from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleInterleaved1F1B
 
         self.model, self.layout, self.group, self.device = model, layout, group, device
         self.n_microbatches, self.autocast = n_microbatches, autocast
+        self.tied_group = tied_group
+        self.tied_weight = None
+        if tied_group is not None:
+            self.tied_weight = model.tok_embeddings.weight if layout.has_first else model.output.weight
+            if not layout.has_first:
+                self.tied_weight._tied_copy = True
         self.chunks = [PipelineChunk(model, layout.all_layers[s], s == 0, s == layout.n_stages - 1)
                        for s in layout.stages]
         stages = [PipelineStage(chunk, s, layout.n_stages, device, group=group)
@@ -145,6 +171,8 @@ class Pipeline:
         target = tokens[:, 1:].contiguous() if self.layout.has_last else None
         with self.autocast():
             self.schedule.step(*inputs, target=target, losses=losses, return_outputs=False)
+        if self.tied_weight is not None and self.tied_weight.grad is not None:
+            dist.all_reduce(self.tied_weight.grad, group=self.tied_group)
         total = torch.stack([l.detach().float() for l in losses]).sum() if losses else \
             torch.zeros((), device=self.device)
         return self._from_last_stage(total)

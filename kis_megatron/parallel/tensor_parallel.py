@@ -220,8 +220,10 @@ def clip_grad_norm_(parameters: Iterable[nn.Parameter], max_norm: float, tp_grou
     ``clip_grad_norm_``), where a sharded parameter's squares are summed over ``tp_group``,
     a replicated one's (identical on every rank) are counted once, and the stages of
     ``pp_group`` (each holding different parameters) add theirs."""
-    grads = [(p.grad, getattr(p, "_tp_shard_dim", None) is not None)
-             for p in parameters if p.grad is not None]
+    params = [p for p in parameters if p.grad is not None]
+    grads = [(p.grad, getattr(p, "_tp_shard_dim", None) is not None) for p in params]
+    # A pipeline's second copy of a tied embedding holds the same gradient as the first.
+    counted = [(g, s) for (g, s), p in zip(grads, params) if not getattr(p, "_tied_copy", False)]
     if not grads and pp_group is None:
         return torch.zeros(())
     device = grads[0][0].device if grads else torch.device("cpu")
@@ -230,7 +232,7 @@ def clip_grad_norm_(parameters: Iterable[nn.Parameter], max_norm: float, tp_grou
         dtype = torch.promote_types(dtype, g.dtype)
     sharded = torch.zeros((), dtype=dtype, device=device)
     replicated = torch.zeros((), dtype=dtype, device=device)
-    for g, is_shard in grads:
+    for g, is_shard in counted:
         sq = g.detach().to(dtype).pow(2).sum()
         if is_shard:
             sharded += sq

@@ -124,6 +124,10 @@ class CheckpointManager:
         self.dir = Path(directory)
         self.keep = keep
         self.tp_group = tp_group
+        # Optimizer-state names this rank saves and loads under another parameter's name: a
+        # pipeline's last stage steps its copy of a tied embedding as "output.weight", but the
+        # state is the embedding's (one name whatever the layout).
+        self.optim_aliases: dict[str, str] = {}
 
     # ------------------------------------------------------------------ discovery
 
@@ -163,6 +167,7 @@ class CheckpointManager:
             msd, osd = dict(msd), dict(osd)  # swap in full tensors without touching live state
             for container, key, dim in list(_sharded_entries(model, msd, osd)):
                 container[key] = full_of(container[key], dim, self.tp_group)
+        osd, _ = _renamed(osd, self.optim_aliases)
         _dcp_quietly(dcp.save, {"model": msd, "optim": osd}, checkpoint_id=str(tmp))
         torch.save({**extra, "step": step, "rng": rng_state()}, tmp / f"extra_rank{rank}.pt.tmp")
         os.replace(tmp / f"extra_rank{rank}.pt.tmp", tmp / f"extra_rank{rank}.pt")
@@ -201,7 +206,13 @@ class CheckpointManager:
             shape = list(container[key].shape)
             shape[dim] *= dist.get_world_size(self.tp_group)
             container[key] = container[key].new_empty(shape)
-        _dcp_quietly(dcp.load, state, checkpoint_id=str(path))
+        if "optim" in state:  # tensors load in place; other values come back under the alias
+            aliased, back = _renamed(state["optim"], self.optim_aliases)
+            _dcp_quietly(dcp.load, {**state, "optim": aliased}, checkpoint_id=str(path))
+            for key, value in aliased.items():
+                state["optim"][back.get(key, key)] = value
+        else:
+            _dcp_quietly(dcp.load, state, checkpoint_id=str(path))
         for container, key, dim in sharded:
             container[key] = shard_of(container[key], dim, self.tp_group)
         if optimizer is None:
@@ -213,6 +224,23 @@ class CheckpointManager:
         if not extra_file.is_file():
             extra_file = path / "extra_rank0.pt"  # a run resumed on a different layout
         return torch.load(extra_file, weights_only=False)
+
+
+def _renamed(osd: Optional[dict], aliases: dict[str, str]) -> tuple[Optional[dict], dict[str, str]]:
+    """``osd`` (flattened) with each aliased parameter's keys renamed; and new -> old key."""
+    if not aliases or osd is None:
+        return osd, {}
+    out, back = {}, {}
+    for key, value in osd.items():
+        kind, _, rest = key.partition(".")  # "state" / "param_groups", "<fqn>.<entry>"
+        for old, new in aliases.items():
+            if rest.startswith(old + "."):
+                renamed = f"{kind}.{new}{rest[len(old):]}"
+                back[renamed] = key
+                key = renamed
+                break
+        out[key] = value
+    return out, back
 
 
 def _fsync_dir_files(directory: Path) -> None:

@@ -1,8 +1,8 @@
 """Every parallel layout reproduces the single-process run on CPU (gloo, torchrun): the first
 step's gradient of every parameter (gathered to full tensors), the losses and grad norms of
 4 steps, validation loss and retention probes, and the final weights, all within 1e-5
-relative. Checkpoints reshard between tp=2 x pp=2 and one process in both directions, and a
-ZeRO-1 checkpoint resumes without ZeRO."""
+relative, with untied and tied embeddings. Checkpoints reshard between tp=2 x pp=2 and one
+process in both directions, and a ZeRO-1 checkpoint resumes without ZeRO."""
 
 import re
 
@@ -26,7 +26,13 @@ LAYOUTS = {
     "tp2_sp": (2, {"parallel.tp": 2, "parallel.sp": True}),
     "dp2_zero1": (2, {"parallel.zero1": True}),
     "tp2_pp2": (4, {"parallel.tp": 2, "parallel.pp": 2}),
+    "tp2_pp2_tied": (4, {"parallel.tp": 2, "parallel.pp": 2, "model.tie_embeddings": True}),
 }
+TIED = {"model.tie_embeddings": True}
+
+
+def reference_of(layout: str) -> str:
+    return "single_tied" if LAYOUTS[layout][1].get("model.tie_embeddings") else "single"
 
 
 def common(world_corpus) -> dict:
@@ -47,22 +53,23 @@ def load_grads(prefix) -> dict:
 
 @pytest.fixture(scope="module")
 def runs(world_corpus, tmp_path_factory):
-    """Runs by layout name, each launched once and shared by the tests; "single" is the
-    one-process reference, run in this process."""
+    """Runs by layout name, each launched once and shared by the tests; "single" and
+    "single_tied" are the one-process references, run in this process."""
     root = tmp_path_factory.mktemp("layouts")
     done = {}
 
     def get(name: str):
         if name not in done:
             run = root / name
-            if name == "single":
+            if name.startswith("single"):
                 from _grad_dump import main
 
-                main(str(root / "single.grads"), tiny_overrides(world_corpus, run, **common(world_corpus)))
+                extra = TIED if name == "single_tied" else {}
+                main(str(root / f"{name}.grads"), tiny_overrides(world_corpus, run, **{**common(world_corpus), **extra}))
             else:
                 nproc, extra = LAYOUTS[name]
                 proc = torchrun(nproc, str(GRAD_DUMP), str(root / f"{name}.grads"),
-                                *tiny_overrides(world_corpus, run, **common(world_corpus), **extra))
+                                *tiny_overrides(world_corpus, run, **{**common(world_corpus), **extra}))
                 assert proc.returncode == 0, proc.stderr[-3000:]
             done[name] = (run, load_grads(root / f"{name}.grads"))
         return done[name]
@@ -71,8 +78,8 @@ def runs(world_corpus, tmp_path_factory):
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_layout_matches_single_process(runs, world_corpus, layout):
-    ref, ref_grads = runs("single")
+def test_layout_matches_single_process(runs, layout):
+    ref, ref_grads = runs(reference_of(layout))
     run, grads = runs(layout)
     assert_same_tensors(ref_grads, grads)
     assert_same_run(ref, run, range(1, STEPS + 1))
@@ -82,35 +89,39 @@ def test_layout_matches_single_process(runs, world_corpus, layout):
     for a, b in zip(evals_ref, evals):
         for key in ("val_loss", "retention/general"):
             assert abs(a[key] - b[key]) <= 1e-5 * abs(a[key]), (key, a, b)
-    cfg = load_config(None, tiny_overrides(world_corpus, run, **common(world_corpus)))
+    cfg = load_config(run / "config.yaml")
     assert_same_tensors(weights_at(ref, STEPS, cfg), weights_at(run, STEPS, cfg))
 
 
-@pytest.mark.parametrize("layout", ["tp2_pp2", "dp2_zero1"])
+@pytest.mark.parametrize("layout", ["tp2_pp2", "tp2_pp2_tied", "dp2_zero1"])
 def test_checkpoint_resumes_in_one_process(runs, world_corpus, tmp_path, layout):
     """Saved at a layout (pipeline stages, or ZeRO-1 optimizer shards), resumed by one process:
     steps 3 and 4 as if never resharded."""
-    ref, _ = runs("single")
+    ref, _ = runs(reference_of(layout))
     run, _ = runs(layout)
     resumed = tmp_path / "resumed"
-    cfg = load_config(None, tiny_overrides(world_corpus, resumed, **common(world_corpus), **{
-        "checkpoint.resume": str(run / "checkpoints" / "step_00000002")}))
+    tied = TIED if reference_of(layout) == "single_tied" else {}
+    cfg = load_config(None, tiny_overrides(world_corpus, resumed, **{
+        **common(world_corpus), **tied, "checkpoint.resume": str(run / "checkpoints" / "step_00000002")}))
     Trainer(cfg).fit()
     assert_same_run(ref, resumed, [3, 4])
     assert_same_tensors(weights_at(ref, STEPS, cfg), weights_at(resumed, STEPS, cfg))
 
 
-def test_single_process_checkpoint_resumes_at_tp2_pp2(runs, world_corpus, tmp_path):
-    ref, _ = runs("single")
+@pytest.mark.parametrize("reference", ["single", "single_tied"])
+def test_single_process_checkpoint_resumes_at_tp2_pp2(runs, world_corpus, tmp_path, reference):
+    """The other way: a tied embedding's optimizer state reaches the last stage's copy too."""
+    ref, _ = runs(reference)
     run = tmp_path / "to_tp2_pp2"
-    proc = torchrun(4, "-m", "kis_megatron.train", *tiny_overrides(world_corpus, run, **common(world_corpus), **{
-        "parallel.tp": 2, "parallel.pp": 2, "checkpoint.resume": str(ref / "checkpoints" / "step_00000002")}))
+    tied = TIED if reference == "single_tied" else {}
+    proc = torchrun(4, "-m", "kis_megatron.train", *tiny_overrides(world_corpus, run, **{
+        **common(world_corpus), **tied, "parallel.tp": 2, "parallel.pp": 2,
+        "checkpoint.resume": str(ref / "checkpoints" / "step_00000002")}))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_same_run(ref, run, [3, 4])
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"parallel.pp": 2, "model.tie_embeddings": True}, "tied embeddings are not supported with parallel.pp > 1"),
     ({"parallel.pp": 4, "parallel.vpp": 2}, "pp * vpp = 8 stages, but the model has only n_layers=4"),
     ({"parallel.pp": 2, "parallel.pp_layers": "[1, 2]"}, "must give every stage >= 1 layer and sum to"),
     ({"parallel.pp": 2, "parallel.pp_layers": "[1, 1, 2]"}, "it needs one per stage, pp * vpp = 2"),
