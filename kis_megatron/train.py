@@ -93,7 +93,8 @@ class Trainer:
             torch.set_num_threads(t.threads)
         self.device = resolve_device(t.device)
         if self.device.type == "cuda" and self.dims.world_size > 1:
-            self.device = torch.device("cuda", self.dims.local_rank)
+            # More ranks than GPUs share them round-robin (NCCL may refuse; a test setup only).
+            self.device = torch.device("cuda", self.dims.local_rank % torch.cuda.device_count())
         init_distributed(self.dims, self.device, cfg.parallel.timeout_s)
         if t.global_batch % (t.micro_batch * dp_size):
             raise ConfigError(f"train.global_batch={t.global_batch} must be a multiple of "

@@ -89,7 +89,7 @@ def init_distributed(dims: ParallelDims, device: torch.device, timeout_s: int) -
         return None
     if not dist.is_initialized():
         if device.type == "cuda":
-            torch.cuda.set_device(dims.local_rank)
+            torch.cuda.set_device(device)
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     if dims.mesh is None:
