@@ -17,7 +17,7 @@ from kis_megatron.train import Trainer
 STEPS = 4
 GRAD_DUMP = ROOT / "tests" / "_grad_dump.py"
 
-# name: (processes, parallel overrides). 4 layers, 4 micro-batches of 2 per step at dp=1.
+# name: (processes, overrides). 4 layers; 4 micro-batches of 2 per step at dp=1, 2 at dp=2.
 LAYOUTS = {
     "tp2": (2, {"parallel.tp": 2}),
     "dp2": (2, {}),
@@ -27,6 +27,7 @@ LAYOUTS = {
     "dp2_zero1": (2, {"parallel.zero1": True}),
     "tp2_pp2": (4, {"parallel.tp": 2, "parallel.pp": 2}),
     "tp2_pp2_tied": (4, {"parallel.tp": 2, "parallel.pp": 2, "model.tie_embeddings": True}),
+    "dp2_pp2_zero1_tied": (4, {"parallel.pp": 2, "parallel.zero1": True, "model.tie_embeddings": True}),
 }
 TIED = {"model.tie_embeddings": True}
 
