@@ -26,7 +26,8 @@ LAYOUTS = {
     "tp2_sp": (2, {"parallel.tp": 2, "parallel.sp": True}),
     "dp2_zero1": (2, {"parallel.zero1": True}),
     "tp2_pp2": (4, {"parallel.tp": 2, "parallel.pp": 2}),
-    "tp2_pp2_tied": (4, {"parallel.tp": 2, "parallel.pp": 2, "model.tie_embeddings": True}),
+    "tp2_sp_pp2_vpp2_tied": (4, {"parallel.tp": 2, "parallel.sp": True, "parallel.pp": 2, "parallel.vpp": 2,
+                                 "model.tie_embeddings": True}),
     "dp2_pp2_zero1_tied": (4, {"parallel.pp": 2, "parallel.zero1": True, "model.tie_embeddings": True}),
 }
 TIED = {"model.tie_embeddings": True}
@@ -94,7 +95,7 @@ def test_layout_matches_single_process(runs, layout):
     assert_same_tensors(weights_at(ref, STEPS, cfg), weights_at(run, STEPS, cfg))
 
 
-@pytest.mark.parametrize("layout", ["tp2_pp2", "tp2_pp2_tied", "dp2_zero1"])
+@pytest.mark.parametrize("layout", ["tp2_pp2", "tp2_sp_pp2_vpp2_tied", "dp2_zero1"])
 def test_checkpoint_resumes_in_one_process(runs, world_corpus, tmp_path, layout):
     """Saved at a layout (pipeline stages, or ZeRO-1 optimizer shards), resumed by one process:
     steps 3 and 4 as if never resharded."""
