@@ -5,6 +5,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 from _corpus import ROOT, tiny_overrides, torchrun, train_rows as losses
@@ -54,12 +55,14 @@ sys.exit(train.main(sys.argv[1:]))
 """
 
 
-def test_a_failing_rank_stops_every_rank(world_corpus, tmp_path):
+@pytest.mark.parametrize("layout", [{}, {"parallel.pp": 2, "model.tie_embeddings": False}], ids=["dp2", "pp2"])
+def test_a_failing_rank_stops_every_rank(world_corpus, tmp_path, layout):
+    """Also when the other rank is blocked in a pipeline receive from the failed one."""
     script = tmp_path / "fail.py"
     script.write_text(FAILING_RANK)
     t0 = time.time()
     proc = torchrun(2, str(script), *tiny_overrides(world_corpus, tmp_path / "run", **{
-        "train.steps": 50, "parallel.timeout_s": 60}))
+        "train.steps": 50, "parallel.timeout_s": 60, **layout}))
     assert proc.returncode != 0
     assert "rank 1 fails on purpose" in proc.stderr
     assert time.time() - t0 < 120
