@@ -92,3 +92,40 @@ def test_two_node_launch_on_one_machine(world_corpus, tmp_path):
     assert sorted(b) == [1, 2, 3]
     for step in a:
         assert abs(a[step]["loss"] - b[step]["loss"]) <= 1e-5 * abs(a[step]["loss"]), step
+
+
+def test_slurm_multinode_script_on_one_machine(world_corpus, tmp_path):
+    """examples/launch/train_multinode.sbatch, run by bash with stand-ins for SLURM (srun starts
+    its command once per "node", here two local processes; scontrol names 127.0.0.1 as the
+    first node): the two torchruns meet by c10d rendezvous and train like one process."""
+    import socket
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fakes = {
+        "scontrol": "#!/bin/bash\necho 127.0.0.1\n",
+        "srun": "#!/bin/bash\nfor i in $(seq $SLURM_NNODES); do \"$@\" & done\n"
+                "status=0; for job in $(jobs -p); do wait $job || status=1; done; exit $status\n",
+        "torchrun": f"#!/bin/bash\nexec {sys.executable} -m torch.distributed.run \"$@\"\n",
+    }
+    for name, text in fakes.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    common = {"train.steps": 3, "train.global_batch": 8, "train.micro_batch": 4}
+    single = tmp_path / "single"
+    Trainer(load_config(None, tiny_overrides(world_corpus, single, **common))).fit()
+    run = tmp_path / "slurm"
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1",
+           "SLURM_JOB_NODELIST": "node[0-1]", "SLURM_NNODES": "2", "SLURM_JOB_ID": "42",
+           "GPUS_PER_NODE": "1", "MASTER_PORT": str(port)}
+    proc = subprocess.run(["bash", str(ROOT / "examples/launch/train_multinode.sbatch"),
+                           *tiny_overrides(world_corpus, run, **common)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = losses(single), losses(run)
+    assert sorted(b) == [1, 2, 3]
+    for step in a:
+        assert abs(a[step]["loss"] - b[step]["loss"]) <= 1e-5 * abs(a[step]["loss"]), step
