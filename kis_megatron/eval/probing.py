@@ -28,7 +28,9 @@ class ProbeRunner:
             self.probes[name] = load_probes(path)
 
     @torch.no_grad()
-    def run(self, model: torch.nn.Module) -> dict:
+    def run(self, model) -> dict:
+        """``model(ids) -> logits``: the model, or a pipeline's forward through its stages."""
+
         def logprob_fn(ids: torch.Tensor) -> torch.Tensor:
             return torch.log_softmax(model(ids.to(self.device)).float(), dim=-1)
 
