@@ -38,7 +38,7 @@ def all_reduce_grads(model: torch.nn.Module, group) -> None:
     schedule has run every micro-batch's backward. It gives up DDP's overlap of this
     communication with the last backward: DDP around each stage, which torch's schedules
     support, failed here with a reducer assertion (19 parameters, 38 gradient hooks, gloo,
-    torch 2.13) when tried."""
+    torch 2.13) when tried, and with ``static_graph=True`` ran but gave wrong gradients."""
     import torch.distributed as dist
     from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
