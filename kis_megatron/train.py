@@ -35,7 +35,7 @@ from kis_megatron.config import Config, ConfigError, load_config, save_config
 from kis_megatron.data.errors import DataError
 from kis_megatron.data.stream import TrainStream, build_train_stream, build_validation_windows
 from kis_megatron.interop.hf import load_init
-from kis_megatron.model.llama import Dims, Transformer, build_model, compile_blocks
+from kis_megatron.model.llama import Dims, Transformer, build_model, compile_blocks, model_sizes
 from kis_megatron.parallel.data_parallel import all_reduce_grads, apply_ddp, no_grad_sync
 from kis_megatron.parallel.dims import ParallelDims, destroy_distributed, init_distributed
 from kis_megatron.parallel.pipeline import Pipeline, PipelineLayout, check_microbatches, tied_embedding_group
@@ -113,19 +113,13 @@ class Trainer:
         self.stream: TrainStream = build_train_stream(cfg, dp_rank=dp_rank, dp_size=dp_size)
         self.val_windows = build_validation_windows(cfg)
         torch.manual_seed(t.seed)
-        self.model: Transformer = build_model(cfg.model, seed=t.seed, device="cpu")
+        # A pipeline stage allocates only its own part of the model.
+        layout = PipelineLayout(cfg.model.n_layers, cfg.parallel, self.dims.pp_rank) if self.dims.pp > 1 else None
+        self.model: Transformer = build_model(cfg.model, seed=t.seed, device="cpu",
+                                              keep=layout.prune if layout else None)
         if cfg.model.init_from:
             load_init(self.model, cfg.model.init_from)
-        # Sizes of the whole model, counted before parallelism leaves each rank a part.
-        self.model_sizes = {
-            "model_params": self.model.num_params(),
-            "model_params_non_embedding": self.model.num_params(non_embedding=True),
-            "flops_per_token": self.model.flops_per_token(cfg.data.seq_len),
-        }
-        layout = None
-        if self.dims.pp > 1:
-            layout = PipelineLayout(self.model.dims.n_layers, cfg.parallel, self.dims.pp_rank)
-            layout.prune(self.model)
+        self.model_sizes = model_sizes(cfg.model, cfg.data.seq_len)  # of the whole model
         self.model.to(self.device)
         apply_tp(self.model, self.tp_group, sequence_parallel=cfg.parallel.sp)
         if t.compile:

@@ -414,6 +414,10 @@ def load_init(model: torch.nn.Module, spec: str) -> None:
         if fields[key] != value:
             raise InteropError(f"model.init_from: model.{key}={value} but {spec[3:]} has "
                                f"{key}={fields[key]}; set model.{key}={fields[key]}")
-    _check_state(model.state_dict(), state, source=spec[3:])
+    from kis_megatron.model.llama import Transformer
+
+    with torch.device("meta"):  # the whole model's names and shapes, for a pipeline stage too
+        whole = Transformer(cfg)
+    _check_state(whole.state_dict(), state, source=spec[3:])
     with torch.no_grad():
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict({k: state[k] for k in model.state_dict()}, strict=True)

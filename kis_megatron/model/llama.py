@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -139,25 +139,39 @@ class Transformer(nn.Module):
         self.output = nn.Linear(d.dim, d.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        cos, sin = rope_tables(d.head_dim, cfg.max_seq_len, cfg.rope_theta)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        self.register_buffer("rope_cos", None, persistent=False)
+        self.register_buffer("rope_sin", None, persistent=False)
+        self.set_rope_tables()
         self.seq_multiple = 1  # tp under sequence parallelism: sequences are split tp ways
         self.reset_parameters(generator)
 
+    def set_rope_tables(self) -> None:
+        cos, sin = rope_tables(self.dims.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta)
+        self.rope_cos, self.rope_sin = cos, sin
+
     @torch.no_grad()
-    def reset_parameters(self, generator: Optional[torch.Generator] = None) -> None:
+    def reset_parameters(self, generator: Optional[torch.Generator] = None,
+                         order: Optional[list[tuple[str, torch.Size]]] = None) -> None:
         """Normal(0, init_std) weights; the two residual-branch outputs per block scaled by
-        1/sqrt(2 * n_layers) (GPT-2) so the residual stream's variance does not grow with depth."""
+        1/sqrt(2 * n_layers) (GPT-2) so the residual stream's variance does not grow with depth.
+
+        ``order``: the full model's (name, shape) list, for a model pruned to a pipeline
+        stage: the numbers of the parameters it lacks are drawn into scratch, so the ones it
+        keeps get exactly the values of the full model."""
         std = self.cfg.init_std
         out_std = std / math.sqrt(2 * self.dims.n_layers)
-        for name, p in self.named_parameters():
+        params = dict(self.named_parameters(remove_duplicate=False))
+        for name, shape in order or [(n, p.shape) for n, p in self.named_parameters()]:
+            p = params.get(name)
+            if p is None and name == "tok_embeddings.weight" and self.cfg.tie_embeddings:
+                p = params.get("output.weight")  # a last stage's copy of the tied embedding
             if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            elif name.endswith(("wo.weight", "w_down.weight")):
-                p.normal_(0.0, out_std, generator=generator)
-            else:
-                p.normal_(0.0, std, generator=generator)
+                if p is not None:
+                    p.fill_(1.0)
+                continue
+            target = p if p is not None else torch.empty(shape)
+            target.normal_(0.0, out_std if name.endswith(("wo.weight", "w_down.weight")) else std,
+                           generator=generator)
 
     def forward(self, tokens: torch.Tensor, targets: Optional[torch.Tensor] = None):
         B, T = tokens.shape
@@ -223,8 +237,32 @@ def compile_blocks(model: Transformer) -> None:
         block.compile()
 
 
-def build_model(cfg: ModelConfig, seed: int, device: str | torch.device = "cpu") -> Transformer:
+def build_model(cfg: ModelConfig, seed: int, device: str | torch.device = "cpu",
+                keep: Optional[Callable[[Transformer], None]] = None) -> Transformer:
     """The model initialised from ``seed`` alone, so every layout (and a resumed or
-    tensor-parallel run) starts from the same weights."""
-    model = Transformer(cfg, generator=torch.Generator().manual_seed(seed))
+    tensor-parallel run) starts from the same weights.
+
+    ``keep`` prunes the model in place to a pipeline stage's part before any weight exists:
+    the model is laid out on the meta device, pruned, and only what remains is allocated
+    and initialised, to the values the full model would have."""
+    generator = torch.Generator().manual_seed(seed)
+    if keep is None:
+        return Transformer(cfg, generator=generator).to(device)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    order = [(name, p.shape) for name, p in model.named_parameters()]
+    keep(model)
+    model.to_empty(device="cpu")
+    model.set_rope_tables()
+    model.reset_parameters(generator, order=order)
     return model.to(device)
+
+
+def model_sizes(cfg: ModelConfig, seq_len: int) -> dict:
+    """Parameter counts and training FLOPs per token of the whole model (counted on the
+    meta device: no memory, whatever the size)."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    return {"model_params": model.num_params(),
+            "model_params_non_embedding": model.num_params(non_embedding=True),
+            "flops_per_token": model.flops_per_token(seq_len)}

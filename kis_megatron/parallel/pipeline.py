@@ -11,9 +11,8 @@ more when it does not divide, unless ``parallel.pp_layers`` lists the layers of 
 Each rank keeps ONE ``Transformer`` holding only what its chunks own, under the same
 parameter names as the full model (layers stay keyed by global index), so the optimizer,
 clipping and checkpoints see a model like any other and a checkpoint reshards to any layout.
-It is cut from the full model built from the seed on the CPU, so every layout starts from the
-same weights (a model too large for one host's memory per rank would need meta-device
-initialisation, not built).
+``build_model(..., keep=layout.prune)`` allocates only that part, with the values the full
+model of the same seed would have, so every layout starts from the same weights.
 """
 
 from __future__ import annotations
@@ -67,7 +66,8 @@ class PipelineLayout:
         return {i for s in self.stages for i in self.all_layers[s]}
 
     def prune(self, model: nn.Module) -> None:
-        """Drop, in place, every part of the full model this rank's stages do not own."""
+        """Drop, in place, every part of the full model this rank's stages do not own (on
+        the meta device, before any weight is allocated: see ``build_model``)."""
         keep = {str(i) for i in self.owned_layers()}
         for key in [k for k in model.layers if k not in keep]:
             del model.layers[key]

@@ -139,3 +139,25 @@ def test_bf16_autocast_trains(fused, tie):
     assert loss.dtype == torch.float32 and abs(loss.item() - ref) < 2e-2 * ref
     for name, p in model.named_parameters():
         assert p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all(), name
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_pipeline_stage_allocates_only_its_part_with_the_full_models_values(tied):
+    from kis_megatron.config import ParallelConfig
+    from kis_megatron.parallel.pipeline import PipelineLayout
+
+    cfg = ModelConfig(vocab_size=96, dim=32, n_layers=5, n_heads=4, n_kv_heads=2, max_seq_len=16,
+                      tie_embeddings=tied)
+    full = dict(build_model(cfg, seed=7).named_parameters(remove_duplicate=False))
+    seen = set()
+    for rank in range(2):
+        layout = PipelineLayout(cfg.n_layers, ParallelConfig(pp=2, vpp=2), rank)
+        stage = build_model(cfg, seed=7, keep=layout.prune)
+        owned = {f"layers.{i}." for i in layout.owned_layers()}
+        for name, p in stage.named_parameters():
+            assert p.device.type == "cpu" and name in full
+            assert name.startswith(tuple(owned) + ("tok_embeddings", "norm", "output")), name
+            assert torch.equal(p, full[name]), name
+            seen.add(name)
+        assert torch.equal(stage.rope_cos, build_model(cfg, seed=7).rope_cos)
+    assert seen == set(full)  # every parameter lives on some stage
