@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -208,11 +209,11 @@ class CheckpointManager:
             container[key] = container[key].new_empty(shape)
         if "optim" in state:  # tensors load in place; other values come back under the alias
             aliased, back = _renamed(state["optim"], self.optim_aliases)
-            _dcp_quietly(dcp.load, {**state, "optim": aliased}, checkpoint_id=str(path))
+            _read(path, {**state, "optim": aliased})
             for key, value in aliased.items():
                 state["optim"][back.get(key, key)] = value
         else:
-            _dcp_quietly(dcp.load, state, checkpoint_id=str(path))
+            _read(path, state)
         for container, key, dim in sharded:
             container[key] = shard_of(container[key], dim, self.tp_group)
         if optimizer is None:
@@ -224,6 +225,21 @@ class CheckpointManager:
         if not extra_file.is_file():
             extra_file = path / "extra_rank0.pt"  # a run resumed on a different layout
         return torch.load(extra_file, weights_only=False)
+
+
+def _read(path: Path, state: dict) -> None:
+    try:
+        _dcp_quietly(dcp.load, state, checkpoint_id=str(path))
+    except (RuntimeError, CheckpointException) as e:  # DCP wraps each rank's error (a BaseException)
+        found = re.findall(r"Missing key in checkpoint state_dict: (\S+)", str(e))
+        if not found:
+            raise
+        key = found[-1].rstrip(".")  # the last: the text holds the traceback's source lines too
+        raise CheckpointError(
+            f"{path} lacks {key}: it was saved from another model, or by a kis-megatron before "
+            "the optimizer state was saved per parameter (November 2026), which cannot be "
+            "resumed; its weights still load for evaluation and export "
+            "(tools/eval_retention.py, tools/export_hf.py)") from None
 
 
 def _renamed(osd: Optional[dict], aliases: dict[str, str]) -> tuple[Optional[dict], dict[str, str]]:

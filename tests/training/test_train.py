@@ -143,6 +143,15 @@ def test_existing_run_dir_is_not_overwritten(world_corpus, tmp_path):
     assert (run / "metrics.jsonl").read_text() == before
 
 
+def test_a_checkpoint_of_another_model_is_one_clear_error(world_corpus, tmp_path):
+    first = tmp_path / "two_layers"
+    Trainer(load_config(None, tiny_overrides(world_corpus, first, **{"train.steps": 1}))).fit()
+    proc = run_cli(*tiny_overrides(world_corpus, tmp_path / "three_layers", **{
+        "model.n_layers": 3, "checkpoint.resume": str(first / "checkpoints" / "step_00000001")}))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "lacks model.layers.2." in proc.stderr and "saved from another model" in proc.stderr
+
+
 def test_shards_made_with_another_tokenizer_are_refused(world_corpus, tmp_path):
     text = tmp_path / "other.txt"
     text.write_text("".join(f"line {i} of another corpus with other words\n" for i in range(300)))
