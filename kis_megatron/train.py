@@ -113,15 +113,20 @@ class Trainer:
         self.stream: TrainStream = build_train_stream(cfg, dp_rank=dp_rank, dp_size=dp_size)
         self.val_windows = build_validation_windows(cfg)
         torch.manual_seed(t.seed)
-        # A pipeline stage allocates only its own part of the model.
+        # Each rank allocates only its part: its pipeline stage's layers, cut tp ways.
         layout = PipelineLayout(cfg.model.n_layers, cfg.parallel, self.dims.pp_rank) if self.dims.pp > 1 else None
-        self.model: Transformer = build_model(cfg.model, seed=t.seed, device="cpu",
-                                              keep=layout.prune if layout else None)
+
+        def parallelize(model: Transformer) -> None:
+            if layout is not None:
+                layout.prune(model)
+            apply_tp(model, self.tp_group, sequence_parallel=cfg.parallel.sp)
+
+        self.model: Transformer = build_model(cfg.model, seed=t.seed, device="cpu", parallelize=(
+            parallelize if layout is not None or self.tp_group is not None else None))
         if cfg.model.init_from:
             load_init(self.model, cfg.model.init_from)
         self.model_sizes = model_sizes(cfg.model, cfg.data.seq_len)  # of the whole model
         self.model.to(self.device)
-        apply_tp(self.model, self.tp_group, sequence_parallel=cfg.parallel.sp)
         if t.compile:
             compile_blocks(self.model)
         self.pipeline: Optional[Pipeline] = None

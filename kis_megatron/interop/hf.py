@@ -414,10 +414,11 @@ def load_init(model: torch.nn.Module, spec: str) -> None:
         if fields[key] != value:
             raise InteropError(f"model.init_from: model.{key}={value} but {spec[3:]} has "
                                f"{key}={fields[key]}; set model.{key}={fields[key]}")
-    from kis_megatron.model.llama import Transformer
+    from kis_megatron.model.llama import Transformer, local_slice
 
-    with torch.device("meta"):  # the whole model's names and shapes, for a pipeline stage too
+    with torch.device("meta"):  # the whole model's names and shapes, for any rank's part too
         whole = Transformer(cfg)
     _check_state(whole.state_dict(), state, source=spec[3:])
+    params = dict(model.named_parameters(remove_duplicate=False))
     with torch.no_grad():
-        model.load_state_dict({k: state[k] for k in model.state_dict()}, strict=True)
+        model.load_state_dict({k: local_slice(params[k], state[k]) for k in model.state_dict()}, strict=True)

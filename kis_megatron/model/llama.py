@@ -156,8 +156,8 @@ class Transformer(nn.Module):
         1/sqrt(2 * n_layers) (GPT-2) so the residual stream's variance does not grow with depth.
 
         ``order``: the full model's (name, shape) list, for a model pruned to a pipeline
-        stage: the numbers of the parameters it lacks are drawn into scratch, so the ones it
-        keeps get exactly the values of the full model."""
+        stage or cut by tensor parallelism: the numbers of the parameters (or parts) it lacks
+        are drawn into scratch, so what it keeps gets exactly the values of the full model."""
         std = self.cfg.init_std
         out_std = std / math.sqrt(2 * self.dims.n_layers)
         params = dict(self.named_parameters(remove_duplicate=False))
@@ -169,9 +169,12 @@ class Transformer(nn.Module):
                 if p is not None:
                     p.fill_(1.0)
                 continue
-            target = p if p is not None else torch.empty(shape)
+            whole = p is not None and getattr(p, "_tp_shard_dim", None) is None
+            target = p if whole else torch.empty(shape)
             target.normal_(0.0, out_std if name.endswith(("wo.weight", "w_down.weight")) else std,
                            generator=generator)
+            if p is not None and not whole:
+                p.copy_(local_slice(p, target))
 
     def forward(self, tokens: torch.Tensor, targets: Optional[torch.Tensor] = None):
         B, T = tokens.shape
@@ -237,25 +240,50 @@ def compile_blocks(model: Transformer) -> None:
         block.compile()
 
 
+def local_slice(param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """The part of ``full`` that ``param`` holds: all of it, or its tensor-parallel slice
+    (a sharded parameter carries ``_tp_shard_dim`` and ``_tp_shard_rank``)."""
+    dim = getattr(param, "_tp_shard_dim", None)
+    if dim is None:
+        return full
+    size = param.shape[dim]
+    return full.narrow(dim, param._tp_shard_rank * size, size)
+
+
 def build_model(cfg: ModelConfig, seed: int, device: str | torch.device = "cpu",
-                keep: Optional[Callable[[Transformer], None]] = None) -> Transformer:
+                parallelize: Optional[Callable[[Transformer], None]] = None) -> Transformer:
     """The model initialised from ``seed`` alone, so every layout (and a resumed or
     tensor-parallel run) starts from the same weights.
 
-    ``keep`` prunes the model in place to a pipeline stage's part before any weight exists:
-    the model is laid out on the meta device, pruned, and only what remains is allocated
-    and initialised, to the values the full model would have."""
+    ``parallelize`` cuts the model in place to this rank's part (a pipeline stage's
+    layers, tensor-parallel slices) before any weight exists: the model is laid out on the
+    meta device, cut, and only what remains is allocated and initialised, to the values the
+    full model would have, one full parameter at a time."""
     generator = torch.Generator().manual_seed(seed)
-    if keep is None:
+    if parallelize is None:
         return Transformer(cfg, generator=generator).to(device)
     with torch.device("meta"):
         model = Transformer(cfg)
     order = [(name, p.shape) for name, p in model.named_parameters()]
-    keep(model)
-    model.to_empty(device="cpu")
+    parallelize(model)
+    _allocate(model)
     model.set_rope_tables()
     model.reset_parameters(generator, order=order)
     return model.to(device)
+
+
+def _allocate(model: nn.Module) -> None:
+    """Give every meta parameter CPU storage, keeping ties and attributes (``to_empty`` makes
+    a new Parameter per module, which would untie a tied head and drop ``_tp_shard_dim``)."""
+    new: dict[nn.Parameter, nn.Parameter] = {}
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if p is None:
+                continue
+            if p not in new:
+                new[p] = nn.Parameter(torch.empty_like(p, device="cpu"), requires_grad=p.requires_grad)
+                new[p].__dict__.update(p.__dict__)
+            module._parameters[name] = new[p]
 
 
 def model_sizes(cfg: ModelConfig, seq_len: int) -> dict:

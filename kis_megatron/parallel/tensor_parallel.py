@@ -16,8 +16,10 @@ and the activations outside attention and MLP take 1/tp of the memory.
 
 Every layer is built from the full ``nn.Linear`` / ``nn.Embedding`` of the single-process
 model by slicing this rank's part, so a tensor-parallel run starts from exactly the weights
-of the single-process run with the same seed. Sharded parameters carry ``_tp_shard_dim``
-(the dimension cut across ranks) so clipping and checkpoints know which ones are partial.
+of the single-process run with the same seed (``apply_tp`` also works on a model laid out on
+the meta device, whose weights ``build_model`` then fills slice by slice). Sharded parameters
+carry ``_tp_shard_dim`` (the dimension cut across ranks) and ``_tp_shard_rank`` so clipping,
+initialisation and checkpoints know which part they hold.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ def full_of(shard: torch.Tensor, dim: int, group) -> torch.Tensor:
 
 def _sharded_param(full: torch.Tensor, dim: int, group) -> nn.Parameter:
     p = nn.Parameter(shard_of(full, dim, group))
-    p._tp_shard_dim = dim
+    p._tp_shard_dim, p._tp_shard_rank = dim, dist.get_rank(group)
     return p
 
 

@@ -152,7 +152,7 @@ def test_a_pipeline_stage_allocates_only_its_part_with_the_full_models_values(ti
     seen = set()
     for rank in range(2):
         layout = PipelineLayout(cfg.n_layers, ParallelConfig(pp=2, vpp=2), rank)
-        stage = build_model(cfg, seed=7, keep=layout.prune)
+        stage = build_model(cfg, seed=7, parallelize=layout.prune)
         owned = {f"layers.{i}." for i in layout.owned_layers()}
         for name, p in stage.named_parameters():
             assert p.device.type == "cpu" and name in full
