@@ -11,8 +11,9 @@ more when it does not divide, unless ``parallel.pp_layers`` lists the layers of 
 Each rank keeps ONE ``Transformer`` holding only what its chunks own, under the same
 parameter names as the full model (layers stay keyed by global index), so the optimizer,
 clipping and checkpoints see a model like any other and a checkpoint reshards to any layout.
-``build_model(..., parallelize=layout.prune)`` allocates only that part, with the values the full
-model of the same seed would have, so every layout starts from the same weights.
+``build_model(..., parallelize=...)`` with ``layout.prune`` allocates only that part, with the
+values the full model of the same seed would have, so every layout starts from the same
+weights.
 """
 
 from __future__ import annotations
