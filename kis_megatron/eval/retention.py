@@ -132,9 +132,14 @@ def load_probes(path: str | Path) -> list[ProbeItem]:
     """Read a probe JSONL file written by :func:`save_probes`; errors name file and line."""
     path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        data = path.read_bytes()
+        lines = data.decode("utf-8").splitlines()
     except OSError as e:
         raise KnowledgeError(f"{path}: cannot read probe file ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise KnowledgeError(f"{path}:{line}: not valid UTF-8 ({e.reason}); probe files are "
+                             "UTF-8 JSONL") from None
     out = []
     for lineno, line in enumerate(lines, 1):
         if not line.strip():
