@@ -342,6 +342,14 @@ def check_fits(path: str | Path, shapes: dict[str, tuple[int, ...]]) -> None:
                                   f"{list(shape)}), which the model lacks; {hint}")
 
 
+def verify(path: str | Path, model_cfg) -> None:
+    """Refuse, naming the reason, a checkpoint that is damaged or is not of this model."""
+    reason = damage(path)
+    if reason is not None:
+        raise CheckpointError(f"{path} cannot be loaded: {reason}")
+    check_fits(path, model_shapes(model_cfg))
+
+
 def _first_nonfinite(model: torch.nn.Module) -> Optional[str]:
     """Name of this rank's first parameter holding a NaN or an infinity, else None."""
     for name, p in model.named_parameters():
