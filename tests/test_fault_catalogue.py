@@ -336,7 +336,7 @@ def _cut(path: Path, keep: float = 0.5) -> None:
     (lambda c: (c / ".metadata").unlink(), "missing .metadata"),
     (lambda c: _cut(c / ".metadata"), ".metadata is unreadable"),
     (lambda c: _cut(c / "extra_rank0.pt"), "extra_rank0.pt is cut or damaged"),
-])
+], ids=["cut_distcp", "no_metadata", "cut_metadata", "cut_extra"])
 def test_a_damaged_latest_checkpoint_falls_back_to_an_older_one(world_corpus, ref_copy, capsys,
                                                                 damage, reason):
     latest = ref_copy / "checkpoints" / "step_00000004"
