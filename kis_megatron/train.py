@@ -36,10 +36,10 @@ from kernels.dispatch import KernelBackendError
 from kis_megatron.config import (RESUMABLE_KEYS, Config, ConfigError, load_config, resume_conflicts,
                                   save_config)
 from kis_megatron.data.stream import TrainStream, build_train_stream, build_validation_windows
+from kis_megatron.errors import KisError, exit_with
 from kis_megatron.interop.hf import load_init
 from kis_megatron.model.llama import Dims, Transformer, build_model, compile_blocks, model_sizes
 from kis_megatron.parallel.data_parallel import all_reduce_grads, apply_ddp, no_grad_sync
-from kis_megatron.errors import KisError, exit_with
 from kis_megatron.parallel.dims import ParallelDims, any_rank, destroy_distributed, from_rank0, init_distributed
 from kis_megatron.parallel.pipeline import Pipeline, PipelineLayout, check_microbatches, tied_embedding_group
 from kis_megatron.parallel.tensor_parallel import apply_tp, check_tp, clip_grad_norm_
@@ -48,7 +48,6 @@ from kis_megatron.training.checkpoint import (CheckpointError, CheckpointManager
 from kis_megatron.training.logger import MetricsLogger
 from kis_megatron.training.optim import build_optimizer, build_scheduler
 from kis_megatron.utils import atomic_write_json
-
 
 
 class TrainingDiverged(KisError):
@@ -195,7 +194,9 @@ class Trainer:
                 saved = load_config(saved_path)
             except ConfigError as e:
                 raise ConfigError(f"cannot compare with the run's own settings: {e}") from None
-            for key, old, new in resume_conflicts(saved, self.cfg)[:1]:
+            conflicts = resume_conflicts(saved, self.cfg)
+            if conflicts:
+                key, old, new = conflicts[0]
                 raise ConfigError(
                     f"{key}={new!r} differs from {key}={old!r} in {saved_path}; a resumed run may "
                     f"change only {', '.join(RESUMABLE_KEYS)}. Resume with the run's settings, or "
@@ -374,7 +375,8 @@ class Trainer:
             self.write_run_info("interrupted")
             raise
         except Exception as e:  # the run is not a measurement: the law tools leave it out
-            self.write_run_info("failed", str(e) if isinstance(e, KisError) else f"{type(e).__name__}: {e}")
+            reason = str(e) if isinstance(e, KisError) else f"{type(e).__name__}: {e}"
+            self.write_run_info("failed", reason)
             raise
         finally:
             log.close()

@@ -348,6 +348,17 @@ def test_a_damaged_latest_checkpoint_falls_back_to_an_older_one(world_corpus, re
     assert f"falling back to {ref_copy / 'checkpoints' / 'step_00000002'}" in err
 
 
+def test_a_checkpoint_saved_after_a_fallback_is_kept(world_corpus, ref_copy):
+    """Resumed from step 2 past a damaged step 4, with keep=1: the save at step 3 must not be
+    pruned in favour of the damaged (higher) step 4."""
+    _cut(ref_copy / "checkpoints" / "step_00000004" / "__0_0.distcp")
+    trainer(world_corpus, ref_copy, **{"checkpoint.resume": "auto", "train.steps": 3,
+                                       "checkpoint.keep": 1}).fit()
+    path, skipped = ck.CheckpointManager(ref_copy / "checkpoints").resumable()
+    assert path.name == "step_00000003" and skipped == []
+    assert not (ref_copy / "checkpoints" / "step_00000002").exists()  # keep=1 still holds
+
+
 def test_every_checkpoint_damaged_is_one_error_and_an_explicit_one_too(world_corpus, ref_copy):
     for c in (ref_copy / "checkpoints").glob("step_*"):
         _cut(c / "extra_rank0.pt")

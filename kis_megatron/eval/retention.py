@@ -180,10 +180,10 @@ def answer_span(encode: Callable[[str], list[int]], prompt: str,
     while start < min(len(full), len(head)) and full[start] == head[start]:
         start += 1
     if start == 0:
-        raise ValueError(f"prompt {prompt!r} shares no leading token with prompt + answer; "
-                         "the first answer token needs context (let encode add a BOS token)")
+        raise KnowledgeError(f"prompt {prompt!r} shares no leading token with prompt + answer; "
+                             "the first answer token needs context (let encode add a BOS token)")
     if start == len(full):
-        raise ValueError(f"answer {answer!r} adds no tokens after prompt {prompt!r}")
+        raise KnowledgeError(f"answer {answer!r} adds no tokens after prompt {prompt!r}")
     return full, start
 
 

@@ -45,9 +45,9 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from kis_megatron.errors import KisError
 from kis_megatron.parallel.dims import any_rank, from_rank0
 from kis_megatron.parallel.tensor_parallel import full_of, shard_of
-from kis_megatron.errors import KisError
 from kis_megatron.training.optim import local_optimizer
 from kis_megatron.utils import atomic_write_text
 
@@ -219,14 +219,17 @@ class CheckpointManager:
                 shutil.rmtree(final)
             os.replace(tmp, final)
             atomic_write_text(self.dir / "latest", name + "\n")
-            self._prune()
+            self._prune(name)
         _barrier()
         return final
 
-    def _prune(self) -> None:
+    def _prune(self, saved: str) -> None:
         for stale in self.dir.glob(".tmp-step_*"):
             shutil.rmtree(stale, ignore_errors=True)
-        for old in self.complete_checkpoints()[: -self.keep]:
+        # Only those up to the one just saved: checkpoints past it (a damaged one passed over
+        # on resume) must not count towards `keep`, or the new save itself would go.
+        done = [p for p in self.complete_checkpoints() if p.name <= saved]
+        for old in done[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
 
     # ------------------------------------------------------------------ load
