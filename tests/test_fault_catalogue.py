@@ -348,6 +348,17 @@ def test_a_damaged_latest_checkpoint_falls_back_to_an_older_one(world_corpus, re
     assert f"falling back to {ref_copy / 'checkpoints' / 'step_00000002'}" in err
 
 
+def test_bytes_damaged_in_place_are_one_error(world_corpus, ref_copy):
+    """Damage that keeps every size (found only when the data is read) cannot be passed over,
+    but is one clear error naming the checkpoint, not a traceback."""
+    latest = ref_copy / "checkpoints" / "step_00000004"
+    with open(latest / "__0_0.distcp", "r+b") as f:
+        f.seek(10)
+        f.write(b"\xff" * 40)
+    with pytest.raises(ck.CheckpointError, match=f"{latest} cannot be read, it is damaged"):
+        trainer(world_corpus, ref_copy, **{"checkpoint.resume": "auto"})
+
+
 def test_a_checkpoint_saved_after_a_fallback_is_kept(world_corpus, ref_copy):
     """Resumed from step 2 past a damaged step 4, with keep=1: the save at step 3 must not be
     pruned in favour of the damaged (higher) step 4."""

@@ -366,8 +366,9 @@ def _read(path: Path, state: dict) -> None:
         _dcp_quietly(dcp.load, state, checkpoint_id=str(path))
     except (RuntimeError, CheckpointException) as e:  # DCP wraps each rank's error (a BaseException)
         found = re.findall(r"Missing key in checkpoint state_dict: (\S+)", str(e))
-        if not found:
-            raise
+        if not found:  # bytes damaged in place: sizes and metadata are whole, the data is not
+            last = [line for line in str(e).splitlines() if line.strip()][-1:] or [type(e).__name__]
+            raise CheckpointError(f"{path} cannot be read, it is damaged: {last[0][:300]}") from None
         key = found[-1].rstrip(".")  # the last: the text holds the traceback's source lines too
         raise CheckpointError(
             f"{path} lacks {key}: it was saved from another model, or by a kis-megatron before "
