@@ -23,7 +23,7 @@ import pytest
 import torch
 import yaml
 
-from _corpus import ROOT, tiny_overrides
+from _corpus import ROOT, tiny_overrides, torchrun
 from kis_megatron.config import ConfigError, load_config
 from kis_megatron.data.errors import DataError
 from kis_megatron.errors import KisError
@@ -175,6 +175,36 @@ def test_nonfinite_steps_beyond_the_budget_stop_the_run(world_corpus, tmp_path):
     assert run_json(run)["status"] == "failed"
     assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == \
         ["step_00000001", "step_00000002"]  # step 2 was skipped (weights finite), 3 never saved
+
+
+INF_ON_RANK_1 = textwrap.dedent("""
+    import sys
+    from kis_megatron import train
+    real = train.Trainer.forward_backward
+    def forward_backward(self):
+        out = real(self)
+        if self.dims.rank == 1 and self.step == 1:  # step 2, after DDP's all-reduce: rank 1 only
+            next(self.model.parameters()).grad.fill_(float("inf"))
+        return out
+    train.Trainer.forward_backward = forward_backward
+    sys.exit(train.main(sys.argv[1:]))
+""")
+
+
+def test_all_ranks_agree_on_a_nonfinite_step(world_corpus, tmp_path):
+    """dp=2 (gloo) with an infinite gradient on rank 1 alone: rank 0 sees finite numbers, yet
+    both ranks stop at step 2 (one all-reduce of the flag), and rank 0 marks the run failed."""
+    script = tmp_path / "inf.py"
+    script.write_text(INF_ON_RANK_1)
+    run = tmp_path / "run"
+    proc = torchrun(2, str(script), *tiny_overrides(world_corpus, run, **{
+        "train.steps": 4, "checkpoint.interval": 1, "parallel.timeout_s": 60}), timeout=240)
+    assert proc.returncode != 0
+    assert "error: the run diverged at step 2: the gradient norm is inf" in proc.stderr
+    assert "error: the run diverged at step 2: another rank's" in proc.stderr
+    info = run_json(run)
+    assert info["status"] == "failed" and "another rank's" in info["error"]
+    assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_00000001"]
 
 
 @pytest.mark.parametrize("override, key", [
