@@ -489,6 +489,25 @@ def test_a_cut_final_evaluation_leaves_the_run_out(ref_copy):
         read_run(str(ref_copy))
 
 
+def test_a_finished_log_with_a_nan_loss_is_left_out_unless_the_step_was_skipped(ref_copy):
+    """Logs written before divergence was caught (or by another framework): a NaN loss
+    (logged as null) means the run diverged, however its evaluations look."""
+    path = ref_copy / "metrics.jsonl"
+    records = [json.loads(x) for x in path.read_text().splitlines()]
+    for r in records:
+        if r["step"] == 3 and "loss" in r:
+            r["loss"] = None
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    rows, note = read_run(str(ref_copy))
+    assert rows == [] and "training loss is not finite at step 3" in note
+    for r in records:
+        if r["step"] == 3 and "loss" in r:
+            r["skipped"] = True  # the trainer skipped that update (train.skip_nonfinite_steps)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    rows, note = read_run(str(ref_copy))
+    assert rows and note is None
+
+
 # ----------------------------------------------------------------------------- entry points
 
 
