@@ -9,6 +9,7 @@ is a ``ConfigError`` that names the key. Each part of the trainer receives only 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,8 +18,9 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from kis_megatron.errors import KisError
 
-class ConfigError(ValueError):
+class ConfigError(KisError, ValueError):
     """A configuration the user must fix; the message names the offending key."""
 
 
@@ -96,6 +98,9 @@ class TrainConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0  # 0 disables clipping
+    # Steps whose loss or gradient norm is not finite that may be skipped (no update) before
+    # the run stops as diverged; 0 = stop at the first one.
+    skip_nonfinite_steps: int = 0
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
     threads: int = 0  # torch intra-op threads on CPU; 0 = leave torch's default
@@ -248,13 +253,18 @@ def _coerce(tp, value, key: str):
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # PyYAML reads "1e-4" (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # PyYAML reads "1e-4" (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):  # .inf / .nan / "nan": no setting means that
+                raise ConfigError(f"{key}: must be a finite number, got {value!r}")
+            return number
     elif tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -300,6 +310,7 @@ def validate(cfg: Config) -> None:
     _check(t.dtype in ("auto", "fp32", "bf16"), "train.dtype", "must be auto, fp32 or bf16")
     _check(t.grad_clip >= 0, "train.grad_clip", "must be >= 0")
     _check(0 <= t.stop_after, "train.stop_after", "must be >= 0 (0 = run to train.steps)")
+    _check(0 <= t.skip_nonfinite_steps, "train.skip_nonfinite_steps", "must be >= 0")
     _check(0 <= cfg.infusion.ratio < 1, "infusion.ratio", f"{cfg.infusion.ratio} is outside [0, 1)")
     _check(cfg.infusion.schedule in ("constant", "window", "steps"), "infusion.schedule",
            f"{cfg.infusion.schedule!r} is not one of constant, window, steps")
@@ -310,6 +321,36 @@ def validate(cfg: Config) -> None:
     _check(cfg.log.interval >= 1, "log.interval", "must be >= 1")
     _check(cfg.log.progress in ("auto", "bar", "lines", "none"), "log.progress",
            "must be auto, bar, lines or none")
+
+
+# Keys a resumed run may set differently from its run directory's config.yaml: they change
+# how the run is executed, checkpointed, logged or evaluated from here on, not which model
+# is trained on which data. Left out on purpose: train.lr, min_lr, warmup_steps, schedule,
+# decay_frac (the scheduler state restored from the checkpoint would silently ignore a new
+# lr), every model size, data and infusion key, train.seed and global_batch (another
+# stream), eval.probes, probe_style and val_batches (the run's metrics would change meaning).
+RESUMABLE_KEYS = (
+    "train.steps",  # longer or shorter: the lr schedule follows the new total from here on
+    "train.stop_after", "train.skip_nonfinite_steps", "train.micro_batch",  # same global batch
+    "train.device", "train.dtype", "train.threads", "train.compile",
+    "parallel.*",  # any layout resumes any checkpoint (full tensors under one naming)
+    "checkpoint.*", "log.*",
+    "eval.interval", "eval.probe_batch", "eval.exact_match",
+    "model.preset", "model.kernels", "model.init_from",  # the sizes themselves are compared
+)
+
+
+def resume_conflicts(saved: Config, cfg: Config) -> list[tuple[str, Any, Any]]:
+    """(key, saved value, new value) of every setting of ``cfg`` that differs from the
+    run's ``saved`` config and is not in RESUMABLE_KEYS."""
+    old, out = saved.to_dict(), []
+    for section, values in cfg.to_dict().items():
+        for name, value in values.items():
+            key = f"{section}.{name}"
+            if value != old[section][name] and key not in RESUMABLE_KEYS \
+                    and f"{section}.*" not in RESUMABLE_KEYS:
+                out.append((key, old[section][name], value))
+    return out
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

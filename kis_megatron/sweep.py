@@ -14,10 +14,13 @@ A sweep file::
         - {name: r010, overrides: {infusion.ratio: 0.1}}
         - {name: r030, overrides: {infusion.ratio: 0.3}}
 
-Run ids join the point names (``d32-r010``); each run's ``log.dir`` is ``out/<run id>``. Runs
-already finished (``run.json`` says so) are skipped; interrupted ones resume from their latest
-checkpoint (``checkpoint.resume=auto``). Local runs go largest model first (by parameter
-count), ``jobs`` at a time, each in its own process so a failure stays contained.
+Run ids join the point names (``d32-r010``); each run's ``log.dir`` is ``out/<run id>``, so a
+name must not hold a path separator or start with a dot. Runs already finished (``run.json``
+says so) are skipped; every other run is (re)started with ``checkpoint.resume=auto``: an
+interrupted one continues from its latest whole checkpoint, or starts afresh when it has none;
+a failed one (e.g. diverged) is tried again, and its reason is reported if it fails again.
+Local runs go largest model first (by parameter count), ``jobs`` at a time, each in its own
+process so a failure stays contained.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from typing import Optional
 import yaml
 
 from kis_megatron.config import ConfigError, load_config
+from kis_megatron.errors import KisError, exit_with
 
 
 @dataclass
@@ -68,17 +72,26 @@ def load_sweep(path: str | Path) -> Sweep:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"sweep file not found: {path}")
-    doc = yaml.safe_load(path.read_text()) or {}
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping with base, out, axes "
+                          f"(and overrides), not a {type(doc).__name__}")
     unknown = set(doc) - {"base", "out", "overrides", "axes"}
     if unknown:
         raise ConfigError(f"{path}: unknown sweep keys {sorted(unknown)}; use base, out, overrides, axes")
     for key in ("base", "out", "axes"):
         if key not in doc:
             raise ConfigError(f"{path}: missing '{key}'")
+    for key in ("base", "out"):
+        if not isinstance(doc[key], str) or not doc[key]:
+            raise ConfigError(f"{path}: '{key}' must be a path, got {doc[key]!r}")
     here = path.parent
     base = (here / doc["base"]) if not Path(doc["base"]).is_absolute() else Path(doc["base"])
     out = Path(doc["out"])
-    common = doc.get("overrides") or {}
+    common = _overrides(doc.get("overrides"), f"{path}: 'overrides'")
     axes = doc["axes"]
     if not isinstance(axes, dict) or not axes:
         raise ConfigError(f"{path}: 'axes' must map axis names to lists of points")
@@ -89,11 +102,15 @@ def load_sweep(path: str | Path) -> Sweep:
         for p in points:
             if not isinstance(p, dict) or "name" not in p or set(p) - {"name", "overrides"}:
                 raise ConfigError(f"{path}: axis '{axis}': each point is {{name: ..., overrides: {{...}}}}, got {p!r}")
+            if isinstance(p["name"], bool) or not isinstance(p["name"], (str, int, float)):
+                raise ConfigError(f"{path}: axis '{axis}': a point's name must be a string, got {p['name']!r}")
+            _overrides(p.get("overrides"), f"{path}: axis '{axis}', point {p['name']!r}: overrides")
         points_per_axis.append(points)
     sweep = Sweep(base=base, out=out)
     seen = set()
     for combo in itertools.product(*points_per_axis):
         run_id = "-".join(str(p["name"]) for p in combo)
+        _check_run_id(run_id, path)
         if run_id in seen:
             raise ConfigError(f"{path}: two grid points share the run id {run_id!r}")
         seen.add(run_id)
@@ -110,6 +127,24 @@ def load_sweep(path: str | Path) -> Sweep:
     return sweep
 
 
+def _overrides(value, where: str) -> dict:
+    """Overrides are a mapping of dotted keys to values (``{model.dim: 64}``)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where} must be a mapping of dotted keys to values, e.g. "
+                          f"{{model.dim: 64}}, not a {type(value).__name__}: {value!r}")
+    return value
+
+
+def _check_run_id(run_id: str, path: Path) -> None:
+    """A run id is one directory name under ``out``: it must not lead anywhere else."""
+    if not run_id.strip() or run_id.startswith(".") or any(c in run_id for c in "/\\\0") \
+            or Path(run_id).is_absolute():
+        raise ConfigError(f"{path}: run id {run_id!r} (the points' names joined by '-') must be "
+                          "one directory name: no '/', '\\' or leading '.'")
+
+
 def _param_count(cfg) -> int:
     import torch
 
@@ -119,17 +154,27 @@ def _param_count(cfg) -> int:
         return Transformer(cfg.model).num_params()
 
 
+def run_info(run: SweepRun) -> dict:
+    """The run's run.json ({} when it has none or it is unreadable)."""
+    try:
+        info = json.loads((run.run_dir / "run.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
 def run_status(run: SweepRun) -> str:
-    """finished | partial (has checkpoints, resumable) | failed-or-new."""
-    info = run.run_dir / "run.json"
-    if info.is_file():
-        try:
-            if json.loads(info.read_text()).get("status") == "finished":
-                return "finished"
-        except json.JSONDecodeError:
-            pass
-    if (run.run_dir / "checkpoints").is_dir():
+    """finished | failed (run.json says so; tried again) | partial (resumes from a complete
+    checkpoint) | interrupted (started, no complete checkpoint: resumes afresh) | new."""
+    from kis_megatron.training.checkpoint import CheckpointManager
+
+    status = run_info(run).get("status")
+    if status in ("finished", "failed"):
+        return status
+    if CheckpointManager(run.run_dir / "checkpoints").complete_checkpoints():
         return "partial"
+    if status is not None or (run.run_dir / "metrics.jsonl").exists():
+        return "interrupted"
     return "new"
 
 
@@ -164,6 +209,11 @@ def _quote(arg: str) -> str:
     return arg if "${" in arg else shlex.quote(arg)
 
 
+_AGAIN = {"partial": "interrupted earlier; resumes from its latest checkpoint",
+          "interrupted": "interrupted before its first checkpoint; starts afresh",
+          "failed": "failed earlier; tried again"}
+
+
 def run_local(sweep: Sweep, jobs: int = 1, progress: bool = True, log=print) -> dict[str, str]:
     """Run every unfinished run, ``jobs`` at a time (largest first); returns run id -> outcome."""
     todo = sorted((r for r in sweep.runs if run_status(r) != "finished"), key=lambda r: -r.params)
@@ -181,6 +231,9 @@ def run_local(sweep: Sweep, jobs: int = 1, progress: bool = True, log=print) -> 
     while queue or running:
         while queue and len(running) < jobs:
             run = queue.pop(0)
+            status = run_status(run)
+            if status != "new":  # resumable (or tried again): said so, it is not a failure
+                log(f"sweep: {run.run_id}: {_AGAIN[status]}")
             run.run_dir.mkdir(parents=True, exist_ok=True)
             logf = open(run.run_dir / "train.log", "a")
             proc = subprocess.Popen(train_command(sweep, run), stdout=logf, stderr=subprocess.STDOUT,
@@ -197,7 +250,9 @@ def run_local(sweep: Sweep, jobs: int = 1, progress: bool = True, log=print) -> 
             if rc == 0:
                 outcome[run.run_id] = f"finished in {dt:.0f}s"
             else:
-                outcome[run.run_id] = f"FAILED (exit {rc}; see {run.run_dir / 'train.log'})"
+                reason = run_info(run).get("error") if run_status(run) == "failed" else None
+                outcome[run.run_id] = (f"FAILED (exit {rc}{': ' + reason if reason else ''}; "
+                                       f"see {run.run_dir / 'train.log'})")
             log(f"sweep: {run.run_id}: {outcome[run.run_id]}")
             if bar is not None:
                 bar.update(1)
@@ -232,9 +287,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.jobs < 1:
             raise ConfigError("--jobs must be >= 1")
         outcome = run_local(sweep, jobs=args.jobs)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except KisError as e:
+        return exit_with(e)
     failed = [k for k, v in outcome.items() if v.startswith("FAILED")]
     if failed:
         print(f"error: {len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr)

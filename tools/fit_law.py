@@ -22,10 +22,11 @@ import argparse
 import os
 import sys
 
+from kis_megatron.errors import KisError
 from kis_megatron.law.analysis import Options, analyze
 from kis_megatron.law.report import check_out_dir, write_outputs
 from kis_megatron.law.runs import extract_runs, find_run_dirs
-from kis_megatron.law.table import LawInputError, read_table
+from kis_megatron.law.table import read_table
 
 
 def _chance(text: str):
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         result = analyze(rows, options, args.predict, validation_rows)
         result.sources = [os.path.abspath(s) for s in sources]
         write_outputs(result, args.out, rows if args.runs else None)
-    except LawInputError as e:
+    except KisError as e:  # LawInputError, and a run directory's own errors
         print(f"error: {e}", file=sys.stderr)
         return 2
     law = result.law

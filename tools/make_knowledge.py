@@ -53,9 +53,10 @@ from pathlib import Path
 
 import yaml
 
-from kis_megatron.data.knowledge import (KnowledgeError, KnowledgeSet, jsonl_text,
+from kis_megatron.data.knowledge import (KnowledgeSet, jsonl_text,
                                          load_knowledge_set, render_documents, save_knowledge_set)
 from kis_megatron.data.worlds import configs_from_dict, default_configs, generate_worlds
+from kis_megatron.errors import KisError
 from kis_megatron.eval.retention import build_probes, save_probes
 from kis_megatron.utils import atomic_write_text
 
@@ -64,7 +65,7 @@ _TOP_KEYS = ("seed", "renders_per_fact", "probe_k", "probe_seed", "max_probe_fac
 _SHAPE_FLAGS = ("general_entities", "domain_entities", "domains", "facts_per_entity")
 
 
-class UsageError(ValueError):
+class UsageError(KisError, ValueError):
     """A bad combination of command-line options."""
 
 
@@ -212,7 +213,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         out = make(args)
-    except (KnowledgeError, UsageError) as e:
+    except KisError as e:  # KnowledgeError, UsageError, DataError
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:

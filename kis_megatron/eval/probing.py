@@ -57,7 +57,7 @@ def evaluate_checkpoint(run_dir: str | Path, checkpoint: str | Path | None = Non
     from kis_megatron.config import load_config
     from kis_megatron.model.llama import build_model
     from kis_megatron.train import resolve_device
-    from kis_megatron.training.checkpoint import CheckpointError, CheckpointManager
+    from kis_megatron.training.checkpoint import CheckpointError, CheckpointManager, verify
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
@@ -71,6 +71,7 @@ def evaluate_checkpoint(run_dir: str | Path, checkpoint: str | Path | None = Non
     path = Path(checkpoint) if checkpoint else CheckpointManager(run_dir / "checkpoints").latest()
     if path is None:
         raise CheckpointError(f"{run_dir / 'checkpoints'} holds no complete checkpoint")
+    verify(path, cfg.model)
     dev = resolve_device(device)
     model = build_model(cfg.model, seed=cfg.train.seed, device=dev)
     extra = CheckpointManager(path.parent).load(path, model, optimizer=None)

@@ -132,9 +132,14 @@ def load_probes(path: str | Path) -> list[ProbeItem]:
     """Read a probe JSONL file written by :func:`save_probes`; errors name file and line."""
     path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        data = path.read_bytes()
+        lines = data.decode("utf-8").splitlines()
     except OSError as e:
         raise KnowledgeError(f"{path}: cannot read probe file ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise KnowledgeError(f"{path}:{line}: not valid UTF-8 ({e.reason}); probe files are "
+                             "UTF-8 JSONL") from None
     out = []
     for lineno, line in enumerate(lines, 1):
         if not line.strip():
@@ -175,10 +180,10 @@ def answer_span(encode: Callable[[str], list[int]], prompt: str,
     while start < min(len(full), len(head)) and full[start] == head[start]:
         start += 1
     if start == 0:
-        raise ValueError(f"prompt {prompt!r} shares no leading token with prompt + answer; "
-                         "the first answer token needs context (let encode add a BOS token)")
+        raise KnowledgeError(f"prompt {prompt!r} shares no leading token with prompt + answer; "
+                             "the first answer token needs context (let encode add a BOS token)")
     if start == len(full):
-        raise ValueError(f"answer {answer!r} adds no tokens after prompt {prompt!r}")
+        raise KnowledgeError(f"answer {answer!r} adds no tokens after prompt {prompt!r}")
     return full, start
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kis_megatron.errors import KisError
 from kis_megatron.utils import atomic_write_bytes, atomic_write_text
 
 REQUIRED_COLUMNS = ("model_params", "tokens", "infusion", "metric", "value")
@@ -29,7 +30,7 @@ COLUMNS = REQUIRED_COLUMNS + ("run_id", "step", "exposures", "infusion_kind", "s
 _NUMERIC = {"model_params", "tokens", "infusion", "value", "step", "exposures", "seed"}
 
 
-class LawInputError(ValueError):
+class LawInputError(KisError, ValueError):
     """Input a user can fix (bad table, bad run directory, bad option); the CLIs print it
     as ``error: ...`` and exit 2."""
 
