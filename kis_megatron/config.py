@@ -116,7 +116,7 @@ class EvalConfig:
     probe_style: str = "recall"  # which style `retention/*` reports: recall | heldout
     probe_batch: int = 64
     exact_match: bool = False  # also greedy generation exact match (slower)
-    max_probes: int = 0  # score at most this many facts per probe set (a fixed hash ranking); 0 = all
+    max_probes: int = 0  # at most this many facts per probe set (fixed hash ranking); 0 = all
 
 
 @dataclass
@@ -330,7 +330,8 @@ def _validate_facts(inf: InfusionConfig) -> None:
     _check(inf.facts >= 1, "infusion.facts", f"{inf.facts} must be >= 1 (or unset for every fact)")
     _check(not inf.domains, "infusion.facts",
            "applies to one infusion.domain; it cannot be used with infusion.domains")
-    _check(bool(inf.domain), "infusion.facts", "needs infusion.domain (the shard whose facts it counts)")
+    _check(bool(inf.domain), "infusion.facts",
+           "needs infusion.domain (the shard whose facts it counts)")
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

@@ -54,5 +54,6 @@ def test_nested_lists_and_dicts_are_typed():
 def test_facts_is_the_law_value_of_a_domain_facts_study():
     over = ["infusion.domain=d", "infusion.facts=48"]
     assert load_config(None, over + ["infusion.kind=domain_facts"]).infusion.value == 48.0
-    assert load_config(None, over + ["infusion.kind=domain_facts", "infusion.value=7"]).infusion.value == 7.0
+    given = load_config(None, over + ["infusion.kind=domain_facts", "infusion.value=7"])
+    assert given.infusion.value == 7.0
     assert load_config(None, over).infusion.value is None  # kind ratio: the ratio, as before
