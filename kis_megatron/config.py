@@ -79,7 +79,12 @@ class InfusionConfig:
     ratio_steps: dict[int, float] = field(default_factory=dict)  # step -> ratio, schedule=steps
     repeat: bool = True  # let the domain source repeat when the ratio asks for more tokens
     kind: str = "ratio"  # which knob a study varies: ratio | domain_facts | exposures | ...
-    value: Optional[float] = None  # its value, for the law tools (default: the ratio)
+    # The knob's value, for the law tools; default: `facts` when kind is domain_facts and
+    # facts is set, else the ratio.
+    value: Optional[float] = None
+    # Infuse only the first `facts` facts of `domain` (its documents labelled 0..facts-1 by
+    # --doc-key fact_id) at the same ratio; None = every fact. Probes named `domain` follow.
+    facts: Optional[int] = None
 
 
 @dataclass
@@ -116,6 +121,7 @@ class EvalConfig:
     probe_style: str = "recall"  # which style `retention/*` reports: recall | heldout
     probe_batch: int = 64
     exact_match: bool = False  # also greedy generation exact match (slower)
+    max_probes: int = 0  # at most this many facts per probe set (fixed hash ranking); 0 = all
 
 
 @dataclass
@@ -174,6 +180,9 @@ def config_from_dict(raw: dict) -> Config:
     raw = _with_preset(raw)
     cfg = _build(Config, raw, prefix="")
     validate(cfg)
+    inf = cfg.infusion
+    if inf.kind == "domain_facts" and inf.value is None and inf.facts is not None:
+        inf.value = float(inf.facts)  # the knob's value for the law tools (run.json)
     return cfg
 
 
@@ -314,7 +323,9 @@ def validate(cfg: Config) -> None:
     _check(0 <= cfg.infusion.ratio < 1, "infusion.ratio", f"{cfg.infusion.ratio} is outside [0, 1)")
     _check(cfg.infusion.schedule in ("constant", "window", "steps"), "infusion.schedule",
            f"{cfg.infusion.schedule!r} is not one of constant, window, steps")
+    _validate_facts(cfg.infusion)
     _check(cfg.eval.interval >= 0, "eval.interval", "must be >= 0")
+    _check(cfg.eval.max_probes >= 0, "eval.max_probes", "must be >= 0 (0 = every probe)")
     _check(cfg.eval.probe_style in ("recall", "heldout"), "eval.probe_style", "must be recall or heldout")
     _check(cfg.checkpoint.interval >= 0, "checkpoint.interval", "must be >= 0")
     _check(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
@@ -351,6 +362,17 @@ def resume_conflicts(saved: Config, cfg: Config) -> list[tuple[str, Any, Any]]:
                     and f"{section}.*" not in RESUMABLE_KEYS:
                 out.append((key, old[section][name], value))
     return out
+
+
+def _validate_facts(inf: InfusionConfig) -> None:
+    """infusion.facts: the checks that need no shard (those are in data.stream)."""
+    if inf.facts is None:
+        return
+    _check(inf.facts >= 1, "infusion.facts", f"{inf.facts} must be >= 1 (or unset for every fact)")
+    _check(not inf.domains, "infusion.facts",
+           "applies to one infusion.domain; it cannot be used with infusion.domains")
+    _check(bool(inf.domain), "infusion.facts",
+           "needs infusion.domain (the shard whose facts it counts)")
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

@@ -32,7 +32,7 @@ A ``--config`` YAML holds the same settings::
     renders_per_fact: null     # null: each paraphrase once per fact
     probe_k: 4                 # distractors per probe
     probe_seed: 0              # default: seed
-    max_probe_facts: null      # cap probes per world (seeded sample of facts)
+    max_probe_facts: null      # cap probes per world (seeded sample); null: every fact
     general: {entities: 300, facts_per_entity: null, pool_sizes: {city: 24}}
     domain: {count: 1, entities: 256, relations: [colour, boiling_point, lab, use]}
 
@@ -92,7 +92,8 @@ def parse_args(argv):
     p.add_argument("--probe-k", type=int, help="distractors per probe (default 4)")
     p.add_argument("--probe-seed", type=int, help="probe sampling seed (default: --seed)")
     p.add_argument("--max-probe-facts", type=int, help="probe at most this many facts per "
-                   "world (seeded sample)")
+                   "world (seeded sample; default: every fact, as infusion.facts and "
+                   "eval.max_probes expect)")
     return p.parse_args(argv)
 
 

@@ -3,9 +3,10 @@
 Opens the general and domain shards, checks them against the model's vocabulary and the
 tokenizer (and against each other: every shard's sidecar must name the same tokenizer), builds
 the infusion blender (ratio 0 and no domain = plain pretraining) and wraps it for one
-data-parallel rank. Every batch's token ids are checked against the vocabulary as it is read
-(one max per row), so a corrupt id is an error naming its shard, not an index error in the
-model. Validation windows come from ``data.valid``.
+data-parallel rank. With ``infusion.facts`` = F the domain stream holds only the documents
+of facts 0 .. F-1 (a view, ``kis_megatron.data.fact_subset``). Every batch's token ids are
+checked against the vocabulary as it is read (one max per row), so a corrupt id is an error
+naming its shard, not an index error in the model. Validation windows come from ``data.valid``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 
 from kis_megatron.config import Config, ConfigError, InfusionConfig
 from kis_megatron.data.errors import DataError
+from kis_megatron.data.fact_subset import first_facts
 from kis_megatron.data.indexed_dataset import IndexedDataset, check_vocab, load_doc_labels, read_meta
 from kis_megatron.data.infusion import Batch, InfusionBlender
 from kis_megatron.data.infusion_source import TokenWindowSource
@@ -160,6 +162,8 @@ def build_train_stream(cfg: Config, dp_rank: int = 0, dp_size: int = 1) -> Train
         key = "infusion.domain" if name == "domain" and path == inf.domain else f"infusion.domains.{name}"
         ds = open_shard(path, key, vocab, d.tokenizer)
         labels = load_doc_labels(path)
+        if inf.facts is not None and path == inf.domain:
+            ds, labels = _first_facts(ds, labels, inf.facts, path, d.seq_len)
         src = TokenWindowSource(ds, d.seq_len, t.seed, name, doc_labels=labels)
         domains.append(src)
         shards.append(f"{key}: shard {path}")
@@ -173,6 +177,16 @@ def build_train_stream(cfg: Config, dp_rank: int = 0, dp_size: int = 1) -> Train
     blender = InfusionBlender(general, domains, ratios, d.seq_len, t.global_batch, t.seed,
                               t.steps, repeat=inf.repeat)
     return TrainStream(blender, dp_rank, dp_size, describe, vocab, shards)
+
+
+def _first_facts(ds, labels, facts: int, path: str, seq_len: int):
+    """The documents of facts 0 .. facts-1 of the domain shard (``infusion.facts``)."""
+    view, labels = first_facts(ds, labels, facts, where=f"infusion.domain shard {path}")
+    if view.num_tokens < seq_len + 1:
+        raise DataError(f"infusion.facts={facts}: the documents of the first {facts} facts hold "
+                        f"{view.num_tokens} tokens, fewer than one window of data.seq_len + 1 = "
+                        f"{seq_len + 1}; raise infusion.facts or lower data.seq_len")
+    return view, labels
 
 
 def build_validation_windows(cfg: Config) -> Optional[torch.Tensor]:

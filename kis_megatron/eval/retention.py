@@ -17,6 +17,7 @@ Put the model in eval mode first (dropout); gradients are off here.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from collections import defaultdict
@@ -102,6 +103,30 @@ def build_probes(ks: KnowledgeSet, k: int = 4, seed: int = 0, max_facts: int | N
                                     fill(templates[j], t.subject), t.object,
                                     tuple(rng.sample(others, k)), style, j))
     return probes
+
+
+_RANK_KEY = b"kis-megatron/probe-rank/1"
+
+
+def fact_rank(fact_id: int) -> int:
+    """A fixed pseudo-random rank of a fact id: blake2b with a fixed key, so it is the same
+    in every process and run (Python's ``hash`` is salted per process)."""
+    digest = hashlib.blake2b(str(fact_id).encode(), digest_size=8, key=_RANK_KEY).digest()
+    return int.from_bytes(digest, "big")
+
+
+def select_probes(probes: Sequence[ProbeItem], max_facts: int = 0,
+                  facts_below: int | None = None) -> list[ProbeItem]:
+    """The probes of the facts to score, in their original order: the facts with
+    ``fact_id < facts_below`` (every fact when None), then, when ``max_facts`` > 0, only the
+    first ``max_facts`` of those in the fixed ranking by :func:`fact_rank`. Every probe of a
+    chosen fact is kept (all styles). The choice is nested: a larger ``max_facts`` adds
+    facts, and the facts chosen below a larger ``facts_below`` that lie below a smaller one
+    are all chosen there too."""
+    eligible = {p.fact_id for p in probes if facts_below is None or p.fact_id < facts_below}
+    if max_facts and len(eligible) > max_facts:
+        eligible = set(sorted(eligible, key=lambda f: (fact_rank(f), f))[:max_facts])
+    return [p for p in probes if p.fact_id in eligible]
 
 
 def save_probes(path: str | Path, probes: Sequence[ProbeItem]) -> None:

@@ -13,7 +13,8 @@ from kis_megatron.data.knowledge import KnowledgeError, RelationTemplates, Tripl
 from kis_megatron.data.worlds import default_configs, generate_worlds
 from kis_megatron.eval.retention import (ProbeItem, answer_span, build_probes,
                                          evaluate_retention, greedy_exact_match, load_probes,
-                                         save_probes, score_probes, span_logprobs)
+                                         save_probes, score_probes, select_probes,
+                                         span_logprobs)
 
 BOS, PAD = 1, 0
 
@@ -115,6 +116,23 @@ def test_build_probes_sampling_and_errors(worlds):
     for bad in (0, 1.5, True):
         with pytest.raises(KnowledgeError, match="k "):
             build_probes(small, k=bad)
+
+
+def test_select_probes_keeps_facts_below_a_limit_and_a_fixed_nested_sample(probes):
+    d = probes["domain"]  # 240 facts, a recall and a held-out probe each
+    facts = lambda ps: {p.fact_id for p in ps}  # noqa: E731
+    assert select_probes(d) == d
+    below = select_probes(d, facts_below=50)
+    assert facts(below) == set(range(50)) and below == [p for p in d if p.fact_id < 50]
+    five = select_probes(d, max_facts=5, facts_below=50)
+    # a fixed ranking (keyed blake2b of the fact id): the same in every process and release
+    assert sorted(facts(five)) == [10, 37, 42, 45, 48]
+    assert len(five) == 10 and {p.style for p in five} == {"recall", "heldout"}
+    assert five == [p for p in below if p.fact_id in facts(five)]  # file order kept
+    assert facts(five) < facts(select_probes(d, max_facts=8, facts_below=50))  # nested in the cap
+    wide = facts(select_probes(d, max_facts=5, facts_below=200))
+    assert {f for f in wide if f < 50} <= facts(five)  # nested in the fact limit
+    assert select_probes(d, max_facts=500, facts_below=50) == below
 
 
 def test_probe_files_round_trip_and_errors(tmp_path, probes):
