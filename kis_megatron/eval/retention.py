@@ -17,6 +17,7 @@ Put the model in eval mode first (dropout); gradients are off here.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import random
@@ -122,11 +123,48 @@ def select_probes(probes: Sequence[ProbeItem], max_facts: int = 0,
     first ``max_facts`` of those in the fixed ranking by :func:`fact_rank`. Every probe of a
     chosen fact is kept (all styles). The choice is nested: a larger ``max_facts`` adds
     facts, and the facts chosen below a larger ``facts_below`` that lie below a smaller one
-    are all chosen there too."""
-    eligible = {p.fact_id for p in probes if facts_below is None or p.fact_id < facts_below}
+    are all chosen there too.
+
+    With ``facts_below``, distractors are drawn from the objects of the kept facts only
+    (:func:`restrict_distractors`): a distractor the model never saw in training would be
+    an easy wrong answer, and retention would sit above chance without any recall."""
+    below = [p for p in probes if facts_below is None or p.fact_id < facts_below]
+    eligible = {p.fact_id for p in below}
     if max_facts and len(eligible) > max_facts:
         eligible = set(sorted(eligible, key=lambda f: (fact_rank(f), f))[:max_facts])
-    return [p for p in probes if p.fact_id in eligible]
+    if facts_below is not None:
+        below = restrict_distractors(below)
+    return [p for p in below if p.fact_id in eligible]
+
+
+def restrict_distractors(probes: Sequence[ProbeItem]) -> list[ProbeItem]:
+    """Probes whose distractors all lie among the answers of ``probes`` of the same
+    knowledge set and relation (the objects trained on when these are a world's first
+    facts). A probe that already satisfies this is kept as it is; otherwise its
+    distractors are redrawn from that pool, as many as it had, with a seed fixed by the
+    fact, style and template (the same in every process)."""
+    pools: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for p in probes:
+        pool = pools[(p.knowledge_set, p.relation)]
+        if p.answer not in pool:
+            pool.append(p.answer)
+    out = []
+    for p in probes:
+        pool = pools[(p.knowledge_set, p.relation)]
+        if all(d in pool for d in p.distractors):
+            out.append(p)
+            continue
+        others = [o for o in pool if o != p.answer]
+        k = len(p.distractors)
+        if len(others) < k:
+            raise KnowledgeError(
+                f"the first facts of '{p.knowledge_set}' hold {len(pool)} distinct objects of "
+                f"relation '{p.relation}', too few for {k} distractors per probe; infuse more "
+                "facts (raise infusion.facts)")
+        seed = fact_rank(p.fact_id) ^ (STYLES.index(p.style) << 8 | p.template)
+        picked = tuple(random.Random(seed).sample(others, k))
+        out.append(dataclasses.replace(p, distractors=picked))
+    return out
 
 
 def save_probes(path: str | Path, probes: Sequence[ProbeItem]) -> None:
