@@ -16,20 +16,18 @@ if [ ! -f $data/READY ]; then
     python tools/make_knowledge.py --out $data/general_world --general-entities 100 \
         --domain-entities 0 --seed 0 --max-probe-facts 250
     mv $data/general_world/general $data/general
-    for facts in 32 64 128 256 512 1024; do
-        f=$(printf "%04d" $facts)
-        python tools/make_knowledge.py --out $data/domain_f$f --general-entities 0 \
-            --domain-entities $((facts / 4)) --seed 1 --max-probe-facts 256 > /dev/null
-    done
+    # One domain world of 2048 facts (512 compounds x 4 relations) with a probe for every
+    # fact: a run infuses its first infusion.facts of them (nested levels, any number).
+    python tools/make_knowledge.py --out $data/domain_world --general-entities 0 \
+        --domain-entities 512 --seed 1
+    mv $data/domain_world/domain $data/domain
     stamp "training the tokenizer"
-    python tools/train_tokenizer.py --input $data/general/train.jsonl $data/domain_f1024/domain/train.jsonl \
+    python tools/train_tokenizer.py --input $data/general/train.jsonl $data/domain/train.jsonl \
         --format jsonl --model-prefix $data/tok/tok --vocab-size 768
     stamp "tokenizing"
-    python tools/preprocess_data.py --input $data/general/train.jsonl --doc-key fact_id \
-        --output-prefix $data/shards/general --tokenizer-model $data/tok/tok.model --no-progress
-    for d in $data/domain_f*; do
-        python tools/preprocess_data.py --input $d/domain/train.jsonl --doc-key fact_id \
-            --output-prefix $d/shard --tokenizer-model $data/tok/tok.model --no-progress > /dev/null
+    for world in general domain; do
+        python tools/preprocess_data.py --input $data/$world/train.jsonl --doc-key fact_id \
+            --output-prefix $data/shards/$world --tokenizer-model $data/tok/tok.model --no-progress
     done
     touch $data/READY
 fi
