@@ -339,3 +339,38 @@ def test_validation_curve_is_refined_and_resumed(tmp_path):
     again = validation_sweep(load_sweep(path), law, log=lambda s: None)
     assert [r.run_id for r in again.runs[-2:]] == [r.run_id for r in step.new_runs]
     assert len(load_sweep(path).runs) == 2 * 4 * 2  # the ladder is untouched
+
+
+# ---------------------------------------------------------------------------- end to end
+
+
+def test_refine_trains_the_grid_then_the_refined_level_and_resumes(world_corpus, tmp_path):
+    """Tiny runs (3 steps) on the test corpus: the grid, one refined level (max_runs 1), then a
+    rerun that trains nothing."""
+    base = {}
+    for item in tiny_overrides(world_corpus, tmp_path / "unused", **{
+            "train.steps": 3, "infusion.domain": world_corpus["shards"]["domain"],
+            "eval.probes": "{domain: %s}" % world_corpus["probes"]["domain"]}):
+        key, value = item.split("=", 1)
+        section, name = key.split(".", 1)
+        base.setdefault(section, {})[name] = yaml.safe_load(value)
+    del base["log"]["dir"]
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({
+        "base": "base.yaml", "out": str(tmp_path / "runs"),
+        "axes": {"model": [{"name": "d16", "overrides": {"model.dim": 16}}],
+                 "infusion": {"values": [0.05, 0.1, 0.2, 0.4], "name": "r{value:g}",
+                              "overrides": {"infusion.ratio": "{value}"}}},
+        "refine": {"axis": "infusion", "metric": "retention/domain", "chance": "auto", "max_runs": 1}},
+        sort_keys=False))
+    lines = []
+    outcome = refine_local(load_sweep(path), jobs=2, progress=False, log=lines.append)
+    assert len(outcome) == 5 and all(v.startswith("finished") for v in outcome.values()), outcome
+    (entry,) = records(path)
+    assert outcome.keys() - {f"d16-r{v:g}" for v in (0.05, 0.1, 0.2, 0.4)} == {entry["runs"][0]}
+    assert sum(line.startswith("refine round") for line in lines) == 2  # round 2: max_runs spent
+    again = []
+    outcome = refine_local(load_sweep(path), jobs=2, progress=False, log=again.append)
+    assert all(v.startswith("skipped") for v in outcome.values()) and len(records(path)) == 1
+    assert again[0] == "sweep: 5 of 5 runs already finished, skipped"
