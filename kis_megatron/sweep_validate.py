@@ -126,32 +126,43 @@ def validation_sweep(sweep: Sweep, law_path: str | Path, *, force_new_plan: bool
         "model_axis": spec.model_axis, "axis": spec.axis, "levels_requested": spec.levels,
         "spacing": spec.spacing, "curves": curves,
     }
-    _check_plan(vsweep.out, sha, law_path, force_new_plan, write)
+    stale = _check_plan(vsweep.out, sha, law_path, force_new_plan, write)
     if write:
         atomic_write_json(vsweep.out / PLAN_FILE, plan)
-    add_refined_runs(vsweep)
+    if not stale or write:  # a forced new plan starts without the old plan's refined levels
+        add_refined_runs(vsweep)
     return vsweep
 
 
-def _check_plan(out: Path, sha: str, law_path, force: bool, write: bool) -> None:
-    """Refuse a plan from another law.json unless ``force``; then set the old plan aside."""
+def _check_plan(out: Path, sha: str, law_path, force: bool, write: bool) -> bool:
+    """Whether a plan from another law.json is there: refused unless ``force``, then (when
+    ``write``) set aside with its refine.json."""
     path = out / PLAN_FILE
     if not path.is_file():
-        return
+        return False
     try:
         old = json.loads(path.read_text())
         old_sha, old_law = old["law_sha256"], old.get("law")
     except (json.JSONDecodeError, KeyError, TypeError):
         raise ConfigError(f"{path} is not a validation plan; restore it or move it away") from None
     if old_sha == sha:
-        return
+        return False
     if not force:
         raise ConfigError(
             f"{path} was planned from another law ({old_law}, sha256 {old_sha[:12]}), not {law_path} "
             f"(sha256 {sha[:12]}); its runs in {out} are kept either way: pass --force-new-plan "
             "to plan from the new law, or use the law.json the plan was made from")
     if write:
-        tag = old_sha[:12]
-        path.rename(out / f"validation_plan.{tag}.json")
+        _set_aside(path, old_sha[:12])
         if (out / REFINE_FILE).is_file():
-            (out / REFINE_FILE).rename(out / f"refine.{tag}.json")
+            _set_aside(out / REFINE_FILE, old_sha[:12])
+    return True
+
+
+def _set_aside(path: Path, tag: str) -> None:
+    """Rename ``name.json`` to ``name.<tag>.json`` (``name.<tag>.2.json`` ... if taken)."""
+    target, k = path.with_suffix(f".{tag}.json"), 1
+    while target.exists():
+        k += 1
+        target = path.with_suffix(f".{tag}.{k}.json")
+    path.rename(target)

@@ -298,10 +298,13 @@ def test_a_changed_law_is_refused_unless_forced_and_runs_are_kept(tmp_path, caps
     assert main([str(path), "--validate", str(law), "--print-launch", "slurm"]) == 2
     assert "--force-new-plan" in capsys.readouterr().err
     old_sha = json.loads((tmp_path / "val" / PLAN_FILE).read_text())["law_sha256"]
+    (tmp_path / "val" / "refine.json").write_text(json.dumps({"axis": "infusion", "added": []}))
     assert main([str(path), "--validate", str(law), "--force-new-plan", "--print-launch", "torchrun"]) == 0
     out = capsys.readouterr().out
     assert "model.dim=48" in out and "infusion.value=" in out and f"log.dir={tmp_path / 'val'}/d48-v" in out
     assert (tmp_path / "val" / f"validation_plan.{old_sha[:12]}.json").is_file()
+    assert (tmp_path / "val" / f"refine.{old_sha[:12]}.json").is_file()  # set aside with the old plan
+    assert not (tmp_path / "val" / "refine.json").exists()
     assert run_status(first.runs[0]) == "finished"  # the old plan's finished run is still there
     plan = json.loads((tmp_path / "val" / PLAN_FILE).read_text())
     assert plan["coefficient"] == 0.1 and plan["law_sha256"] != old_sha
@@ -318,7 +321,8 @@ def test_validation_needs_a_section_and_a_law(tmp_path):
     with pytest.raises(ConfigError, match="is not a law.json written by tools/fit_law.py"):
         validation_sweep(load_sweep(path), tmp_path / "law.json")
     for validate, needle in [({**VALIDATE, "model_axis": "size"}, "'model_axis' 'size' is not an axis"),
-                             ({**VALIDATE, "out": str(tmp_path / "runs" / "v")}, "'out' .* must be a directory apart from the ladder's out"),
+                             ({**VALIDATE, "out": str(tmp_path / "runs" / "v")},
+                              "'out' .* must be a directory apart from the ladder's out"),
                              ({**VALIDATE, "levels": 0}, "'levels' must be an integer >= 1"),
                              ({**VALIDATE, "model": {"name": "x", "overides": {}}}, "'model' is one point")]:
         with pytest.raises(ConfigError, match="sweep.yaml: validate: " + needle):
