@@ -126,6 +126,8 @@ def validation_sweep(sweep: Sweep, law_path: str | Path, *, force_new_plan: bool
         "model_axis": spec.model_axis, "axis": spec.axis, "levels_requested": spec.levels,
         "spacing": spec.spacing, "curves": curves,
     }
+    if sweep.refine and law.get("metric") not in (None, sweep.refine.metric):
+        log(f"validate: note: the law was fitted on {law['metric']}, refine: measures {sweep.refine.metric}")
     stale = _check_plan(vsweep.out, sha, law_path, force_new_plan, write)
     if write:
         atomic_write_json(vsweep.out / PLAN_FILE, plan)
