@@ -9,6 +9,7 @@ is a ``ConfigError`` that names the key. Each part of the trainer receives only 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,8 +18,9 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from kis_megatron.errors import KisError
 
-class ConfigError(ValueError):
+class ConfigError(KisError, ValueError):
     """A configuration the user must fix; the message names the offending key."""
 
 
@@ -77,7 +79,12 @@ class InfusionConfig:
     ratio_steps: dict[int, float] = field(default_factory=dict)  # step -> ratio, schedule=steps
     repeat: bool = True  # let the domain source repeat when the ratio asks for more tokens
     kind: str = "ratio"  # which knob a study varies: ratio | domain_facts | exposures | ...
-    value: Optional[float] = None  # its value, for the law tools (default: the ratio)
+    # The knob's value, for the law tools; default: `facts` when kind is domain_facts and
+    # facts is set, else the ratio.
+    value: Optional[float] = None
+    # Infuse only the first `facts` facts of `domain` (its documents labelled 0..facts-1 by
+    # --doc-key fact_id) at the same ratio; None = every fact. Probes named `domain` follow.
+    facts: Optional[int] = None
 
 
 @dataclass
@@ -96,6 +103,9 @@ class TrainConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0  # 0 disables clipping
+    # Steps whose loss or gradient norm is not finite that may be skipped (no update) before
+    # the run stops as diverged; 0 = stop at the first one.
+    skip_nonfinite_steps: int = 0
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
     threads: int = 0  # torch intra-op threads on CPU; 0 = leave torch's default
@@ -111,6 +121,7 @@ class EvalConfig:
     probe_style: str = "recall"  # which style `retention/*` reports: recall | heldout
     probe_batch: int = 64
     exact_match: bool = False  # also greedy generation exact match (slower)
+    max_probes: int = 0  # at most this many facts per probe set (fixed hash ranking); 0 = all
 
 
 @dataclass
@@ -169,6 +180,9 @@ def config_from_dict(raw: dict) -> Config:
     raw = _with_preset(raw)
     cfg = _build(Config, raw, prefix="")
     validate(cfg)
+    inf = cfg.infusion
+    if inf.kind == "domain_facts" and inf.value is None and inf.facts is not None:
+        inf.value = float(inf.facts)  # the knob's value for the law tools (run.json)
     return cfg
 
 
@@ -248,13 +262,18 @@ def _coerce(tp, value, key: str):
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # PyYAML reads "1e-4" (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # PyYAML reads "1e-4" (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):  # .inf / .nan / "nan": no setting means that
+                raise ConfigError(f"{key}: must be a finite number, got {value!r}")
+            return number
     elif tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -300,16 +319,60 @@ def validate(cfg: Config) -> None:
     _check(t.dtype in ("auto", "fp32", "bf16"), "train.dtype", "must be auto, fp32 or bf16")
     _check(t.grad_clip >= 0, "train.grad_clip", "must be >= 0")
     _check(0 <= t.stop_after, "train.stop_after", "must be >= 0 (0 = run to train.steps)")
+    _check(0 <= t.skip_nonfinite_steps, "train.skip_nonfinite_steps", "must be >= 0")
     _check(0 <= cfg.infusion.ratio < 1, "infusion.ratio", f"{cfg.infusion.ratio} is outside [0, 1)")
     _check(cfg.infusion.schedule in ("constant", "window", "steps"), "infusion.schedule",
            f"{cfg.infusion.schedule!r} is not one of constant, window, steps")
+    _validate_facts(cfg.infusion)
     _check(cfg.eval.interval >= 0, "eval.interval", "must be >= 0")
+    _check(cfg.eval.max_probes >= 0, "eval.max_probes", "must be >= 0 (0 = every probe)")
     _check(cfg.eval.probe_style in ("recall", "heldout"), "eval.probe_style", "must be recall or heldout")
     _check(cfg.checkpoint.interval >= 0, "checkpoint.interval", "must be >= 0")
     _check(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
     _check(cfg.log.interval >= 1, "log.interval", "must be >= 1")
     _check(cfg.log.progress in ("auto", "bar", "lines", "none"), "log.progress",
            "must be auto, bar, lines or none")
+
+
+# Keys a resumed run may set differently from its run directory's config.yaml: they change
+# how the run is executed, checkpointed, logged or evaluated from here on, not which model
+# is trained on which data. Left out on purpose: train.lr, min_lr, warmup_steps, schedule,
+# decay_frac (the scheduler state restored from the checkpoint would silently ignore a new
+# lr), every model size, data and infusion key, train.seed and global_batch (another
+# stream), eval.probes, probe_style and val_batches (the run's metrics would change meaning).
+RESUMABLE_KEYS = (
+    "train.steps",  # longer or shorter: the lr schedule follows the new total from here on
+    "train.stop_after", "train.skip_nonfinite_steps", "train.micro_batch",  # same global batch
+    "train.device", "train.dtype", "train.threads", "train.compile",
+    "parallel.*",  # any layout resumes any checkpoint (full tensors under one naming)
+    "checkpoint.*", "log.*",
+    "eval.interval", "eval.probe_batch", "eval.exact_match",
+    "model.preset", "model.kernels", "model.init_from",  # the sizes themselves are compared
+)
+
+
+def resume_conflicts(saved: Config, cfg: Config) -> list[tuple[str, Any, Any]]:
+    """(key, saved value, new value) of every setting of ``cfg`` that differs from the
+    run's ``saved`` config and is not in RESUMABLE_KEYS."""
+    old, out = saved.to_dict(), []
+    for section, values in cfg.to_dict().items():
+        for name, value in values.items():
+            key = f"{section}.{name}"
+            if value != old[section][name] and key not in RESUMABLE_KEYS \
+                    and f"{section}.*" not in RESUMABLE_KEYS:
+                out.append((key, old[section][name], value))
+    return out
+
+
+def _validate_facts(inf: InfusionConfig) -> None:
+    """infusion.facts: the checks that need no shard (those are in data.stream)."""
+    if inf.facts is None:
+        return
+    _check(inf.facts >= 1, "infusion.facts", f"{inf.facts} must be >= 1 (or unset for every fact)")
+    _check(not inf.domains, "infusion.facts",
+           "applies to one infusion.domain; it cannot be used with infusion.domains")
+    _check(bool(inf.domain), "infusion.facts",
+           "needs infusion.domain (the shard whose facts it counts)")
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

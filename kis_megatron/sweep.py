@@ -18,12 +18,15 @@ A sweep file::
         integer: true                        # generated levels are rounded to integers
       seed: {values: [0, 1], name: "s{value}", overrides: {train.seed: "{value}"}}
 
-Run ids join the point names (``d32-f0128-s0``); each run's ``log.dir`` is ``out/<run id>``.
-On a value axis an override that is exactly ``"{value}"`` becomes the number itself (an int
-when ``integer``), other strings are formatted (double a literal brace). Runs already finished
-(``run.json`` says so) are skipped; interrupted ones resume from their latest checkpoint
-(``checkpoint.resume=auto``). Local runs go largest model first (by parameter count), ``jobs``
-at a time, each in its own process so a failure stays contained.
+Run ids join the point names (``d32-f0128-s0``); each run's ``log.dir`` is ``out/<run id>``,
+so a name must not hold a path separator or start with a dot. On a value axis an override
+that is exactly ``"{value}"`` becomes the number itself (an int when ``integer``), other
+strings are formatted (double a literal brace). Runs already finished (``run.json`` says so)
+are skipped; every other run is (re)started with ``checkpoint.resume=auto``: an interrupted
+one continues from its latest whole checkpoint, or starts afresh when it has none; a failed
+one (e.g. diverged) is tried again, and its reason is reported if it fails again. Local runs
+go largest model first (by parameter count), ``jobs`` at a time, each in its own process so a
+failure stays contained.
 
 Refinement (``tools/sweep.py FILE --refine``; sweep_refine.py)::
 
@@ -78,11 +81,13 @@ from typing import Optional
 import yaml
 
 from kis_megatron.config import ConfigError, load_config
+from kis_megatron.errors import KisError, exit_with
 from kis_megatron.sweep_spec import (
     Axis,
     Point,
     RefineSpec,
     ValidateSpec,
+    overrides_mapping,
     parse_axis,
     parse_refine,
     parse_validate,
@@ -116,6 +121,7 @@ class Sweep:
     axes: dict[str, Axis] = field(default_factory=dict)
     refine: Optional[RefineSpec] = None
     validate: Optional[ValidateSpec] = None
+    kind: str = "ladder"  # ladder | validation (the held-out model's runs, sweep_validate.py)
 
 
 def _yaml_scalar(v) -> str:
@@ -131,7 +137,13 @@ def load_sweep(path: str | Path) -> Sweep:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"sweep file not found: {path}")
-    doc = yaml.safe_load(path.read_text()) or {}
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping with base, out, axes "
+                          f"(and overrides, refine, validate), not a {type(doc).__name__}")
     unknown = set(doc) - {"base", "out", "overrides", "axes", "refine", "validate"}
     if unknown:
         raise ConfigError(f"{path}: unknown sweep keys {sorted(unknown)}; use base, out, overrides, axes, "
@@ -139,10 +151,13 @@ def load_sweep(path: str | Path) -> Sweep:
     for key in ("base", "out", "axes"):
         if key not in doc:
             raise ConfigError(f"{path}: missing '{key}'")
+    for key in ("base", "out"):
+        if not isinstance(doc[key], str) or not doc[key]:
+            raise ConfigError(f"{path}: '{key}' must be a path, got {doc[key]!r}")
     here = path.parent
     base = (here / doc["base"]) if not Path(doc["base"]).is_absolute() else Path(doc["base"])
     out = Path(doc["out"])
-    common = doc.get("overrides") or {}
+    common = overrides_mapping(doc.get("overrides"), f"{path}: 'overrides'")
     axes = doc["axes"]
     if not isinstance(axes, dict) or not axes:
         raise ConfigError(f"{path}: 'axes' must map axis names to lists of points or value axes")
@@ -163,11 +178,20 @@ def load_sweep(path: str | Path) -> Sweep:
     return sweep
 
 
+def _check_run_id(run_id: str, path: Path) -> None:
+    """A run id is one directory name under ``out``: it must not lead anywhere else."""
+    if not run_id.strip() or run_id.startswith(".") or any(c in run_id for c in "/\\\0") \
+            or Path(run_id).is_absolute():
+        raise ConfigError(f"{path}: run id {run_id!r} (the points' names joined by '-') must be "
+                          "one directory name: no '/', '\\' or leading '.'")
+
+
 def build_run(sweep: Sweep, points: dict[str, Point], origin: str = "grid") -> SweepRun:
     """The run of one point per axis (in the sweep's axis order), its config resolved: the
     sweep's common overrides, then each point's."""
     points = {a: points[a] for a in sweep.axes if a in points}
     run_id = "-".join(str(p.name) for p in points.values())
+    _check_run_id(run_id, sweep.path)
     overrides = dict(sweep.common)
     for p in points.values():
         overrides.update(p.overrides)
@@ -257,17 +281,27 @@ def _param_count(cfg) -> int:
         return Transformer(cfg.model).num_params()
 
 
+def run_info(run: SweepRun) -> dict:
+    """The run's run.json ({} when it has none or it is unreadable)."""
+    try:
+        info = json.loads((run.run_dir / "run.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
 def run_status(run: SweepRun) -> str:
-    """finished | partial (has checkpoints, resumable) | failed-or-new."""
-    info = run.run_dir / "run.json"
-    if info.is_file():
-        try:
-            if json.loads(info.read_text()).get("status") == "finished":
-                return "finished"
-        except json.JSONDecodeError:
-            pass
-    if (run.run_dir / "checkpoints").is_dir():
+    """finished | failed (run.json says so; tried again) | partial (resumes from a complete
+    checkpoint) | interrupted (started, no complete checkpoint: resumes afresh) | new."""
+    from kis_megatron.training.checkpoint import CheckpointManager
+
+    status = run_info(run).get("status")
+    if status in ("finished", "failed"):
+        return status
+    if CheckpointManager(run.run_dir / "checkpoints").complete_checkpoints():
         return "partial"
+    if status is not None or (run.run_dir / "metrics.jsonl").exists():
+        return "interrupted"
     return "new"
 
 
@@ -302,6 +336,11 @@ def _quote(arg: str) -> str:
     return arg if "${" in arg else shlex.quote(arg)
 
 
+_AGAIN = {"partial": "interrupted earlier; resumes from its latest checkpoint",
+          "interrupted": "interrupted before its first checkpoint; starts afresh",
+          "failed": "failed earlier; tried again"}
+
+
 def run_local(sweep: Sweep, jobs: int = 1, progress: bool = True, log=print) -> dict[str, str]:
     """Run every unfinished run, ``jobs`` at a time (largest first); returns run id -> outcome."""
     todo = sorted((r for r in sweep.runs if run_status(r) != "finished"), key=lambda r: -r.params)
@@ -319,6 +358,9 @@ def run_local(sweep: Sweep, jobs: int = 1, progress: bool = True, log=print) -> 
     while queue or running:
         while queue and len(running) < jobs:
             run = queue.pop(0)
+            status = run_status(run)
+            if status != "new":  # resumable (or tried again): said so, it is not a failure
+                log(f"sweep: {run.run_id}: {_AGAIN[status]}")
             run.run_dir.mkdir(parents=True, exist_ok=True)
             logf = open(run.run_dir / "train.log", "a")
             proc = subprocess.Popen(train_command(sweep, run), stdout=logf, stderr=subprocess.STDOUT,
@@ -335,7 +377,9 @@ def run_local(sweep: Sweep, jobs: int = 1, progress: bool = True, log=print) -> 
             if rc == 0:
                 outcome[run.run_id] = f"finished in {dt:.0f}s"
             else:
-                outcome[run.run_id] = f"FAILED (exit {rc}; see {run.run_dir / 'train.log'})"
+                reason = run_info(run).get("error") if run_status(run) == "failed" else None
+                outcome[run.run_id] = (f"FAILED (exit {rc}{': ' + reason if reason else ''}; "
+                                       f"see {run.run_dir / 'train.log'})")
             log(f"sweep: {run.run_id}: {outcome[run.run_id]}")
             if bar is not None:
                 bar.update(1)
@@ -402,9 +446,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             outcome = refine_local(sweep, jobs=args.jobs)
         else:
             outcome = run_local(sweep, jobs=args.jobs)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except KisError as e:
+        return exit_with(e)
     failed = [k for k, v in outcome.items() if v.startswith("FAILED")]
     if failed:
         print(f"error: {len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
 import sys
 import time
@@ -31,21 +32,26 @@ from typing import Optional
 
 import torch
 
-from kis_megatron.config import Config, ConfigError, load_config, save_config
-from kis_megatron.data.errors import DataError
+from kernels.dispatch import KernelBackendError
+from kis_megatron.config import (RESUMABLE_KEYS, Config, ConfigError, load_config, resume_conflicts,
+                                  save_config)
 from kis_megatron.data.stream import TrainStream, build_train_stream, build_validation_windows
+from kis_megatron.errors import KisError, exit_with
 from kis_megatron.interop.hf import load_init
 from kis_megatron.model.llama import Dims, Transformer, build_model, compile_blocks, model_sizes
 from kis_megatron.parallel.data_parallel import all_reduce_grads, apply_ddp, no_grad_sync
-from kis_megatron.parallel.dims import ParallelDims, destroy_distributed, init_distributed
+from kis_megatron.parallel.dims import ParallelDims, any_rank, destroy_distributed, from_rank0, init_distributed
 from kis_megatron.parallel.pipeline import Pipeline, PipelineLayout, check_microbatches, tied_embedding_group
 from kis_megatron.parallel.tensor_parallel import apply_tp, check_tp, clip_grad_norm_
-from kis_megatron.training.checkpoint import CheckpointError, CheckpointManager, set_rng_state
+from kis_megatron.training.checkpoint import (CheckpointError, CheckpointManager, check_fits, damage,
+                                               model_shapes, set_rng_state)
 from kis_megatron.training.logger import MetricsLogger
 from kis_megatron.training.optim import build_optimizer, build_scheduler
 from kis_megatron.utils import atomic_write_json
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError)
+
+class TrainingDiverged(KisError):
+    """The loss or gradient norm stopped being finite (more often than train.skip_nonfinite_steps)."""
 
 
 # Dense peak TFLOP/s per GPU from the vendors' data sheets (bf16 / tf32 tensor cores, no
@@ -106,9 +112,17 @@ class Trainer:
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", keep=cfg.checkpoint.keep,
                                       tp_group=self.tp_group)
         resume_from = self._resume_path()
+        self.restarted = False  # resume=auto found no checkpoint: the run starts afresh
         if resume_from is None and (self.run_dir / "metrics.jsonl").exists():
-            raise ConfigError(f"log.dir={self.run_dir} already holds a run; continue it with "
-                              "checkpoint.resume=auto or choose a new log.dir")
+            if cfg.checkpoint.resume != "auto":
+                raise ConfigError(f"log.dir={self.run_dir} already holds a run; continue it with "
+                                  "checkpoint.resume=auto or choose a new log.dir")
+            if _run_status(self.run_dir) == "finished":  # never start a finished run over
+                raise ConfigError(f"log.dir={self.run_dir} holds a finished run and no checkpoint "
+                                  "to continue from; choose a new log.dir")
+            self.restarted = True
+        if resume_from is not None:  # before anything is built or written
+            self._check_resume(resume_from)
 
         self.stream: TrainStream = build_train_stream(cfg, dp_rank=dp_rank, dp_size=dp_size)
         self.val_windows = build_validation_windows(cfg)
@@ -144,6 +158,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, t, self.device, zero_group=zero_group)
         self.scheduler = build_scheduler(self.optimizer, t)
         self.step = 0
+        self.nonfinite_steps = 0  # steps skipped so far because the loss or gradients were not finite
         if resume_from is not None:
             self._load(resume_from)
         self.probes = self._build_probes()
@@ -157,11 +172,36 @@ class Trainer:
         if mode == "none":
             return None
         if mode == "auto":
-            return self.ckpt.latest()
+            path, skipped = self.ckpt.resumable()
+            for bad, reason in skipped if self.is_main else ():
+                print(f"warning: checkpoint {bad} is damaged ({reason}); falling back to {path}",
+                      file=sys.stderr, flush=True)
+            return path
         path = Path(mode)
         if not path.is_dir():
             raise ConfigError(f"checkpoint.resume: {path} is not a checkpoint directory")
+        reason = from_rank0(damage(path) if self.dims.rank == 0 else None)
+        if reason is not None:
+            raise CheckpointError(f"checkpoint.resume: {path} cannot be loaded: {reason}")
         return path
+
+    def _check_resume(self, path: Path) -> None:
+        """The run's own settings and the checkpoint's tensors must be this config's: a resume
+        never continues another model (nor rewrites the run's config.yaml to one)."""
+        saved_path = self.run_dir / "config.yaml"
+        if saved_path.is_file():
+            try:
+                saved = load_config(saved_path)
+            except ConfigError as e:
+                raise ConfigError(f"cannot compare with the run's own settings: {e}") from None
+            conflicts = resume_conflicts(saved, self.cfg)
+            if conflicts:
+                key, old, new = conflicts[0]
+                raise ConfigError(
+                    f"{key}={new!r} differs from {key}={old!r} in {saved_path}; a resumed run may "
+                    f"change only {', '.join(RESUMABLE_KEYS)}. Resume with the run's settings, or "
+                    "train in a new log.dir")
+        check_fits(path, model_shapes(self.cfg.model))
 
     def _load(self, path: Path) -> None:
         extra = self.ckpt.load(path, self.model, self.optimizer)
@@ -171,10 +211,12 @@ class Trainer:
         self.stream.load_state_dict(extra["data"])
         set_rng_state(extra["rng"])
         self.step = extra["step"]
+        self.nonfinite_steps = extra.get("nonfinite_steps", 0)
         self.resumed_from = path
 
     def _save(self) -> None:
-        extra = {"scheduler": self.scheduler.state_dict(), "data": self.stream.state_dict()}
+        extra = {"scheduler": self.scheduler.state_dict(), "data": self.stream.state_dict(),
+                 "nonfinite_steps": self.nonfinite_steps}
         self.ckpt.save(self.step, self.model, self.optimizer, extra)
 
     # ---------------------------------------------------------------- evaluation
@@ -234,8 +276,12 @@ class Trainer:
             total += loss.detach().float()
         return _mean_over_ranks(total / self.accum), batch.stats
 
-    def train_step(self) -> tuple[float, float, dict]:
-        """One optimizer step over the global batch; returns (loss, grad_norm, data stats)."""
+    def train_step(self) -> tuple[float, float, dict, bool]:
+        """One optimizer step over the global batch; returns (loss, grad_norm, data stats,
+        applied). When the loss or the gradient norm is not finite on any rank, no rank
+        applies the update (applied is False): the gradients are dropped and the weights and
+        optimizer state stay as they were; the step still counts (its batch is consumed and
+        the lr schedule moves on), so a skipped step does not shift the data or the schedule."""
         loss, stats = self.forward_backward()
         clip = self.cfg.train.grad_clip or math.inf
         if self.tp_group is None and self.pipeline is None:
@@ -243,11 +289,14 @@ class Trainer:
         else:
             grad_norm = clip_grad_norm_(self.model.parameters(), clip, self.tp_group,
                                         self.dims.pp_group).item()
-        self.optimizer.step()
+        loss = loss.item()
+        applied = not any_rank(not (math.isfinite(loss) and math.isfinite(grad_norm)), self.device)
+        if applied:
+            self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return loss.item(), grad_norm, stats
+        return loss, grad_norm, stats, applied
 
     def _utilisation(self, tokens_per_s: float) -> dict:
         """Achieved model TFLOP/s per device and, on a GPU whose peak is known, MFU."""
@@ -259,7 +308,7 @@ class Trainer:
             out["mfu"] = tflops / peak
         return out
 
-    def write_run_info(self, status: str) -> None:
+    def write_run_info(self, status: str, error: Optional[str] = None) -> None:
         if not self.is_main:
             return
         inf = self.cfg.infusion
@@ -271,7 +320,10 @@ class Trainer:
             "infusion": {"kind": inf.kind, "value": inf.value if inf.value is not None else inf.ratio,
                          "ratio": inf.ratio, **self.stream.describe()},
             "status": status,
+            "nonfinite_steps": self.nonfinite_steps,
         }
+        if error is not None:  # why a failed run failed (the law tools list it)
+            info["error"] = error
         atomic_write_json(self.run_dir / "run.json", info)
 
     def fit(self) -> dict:
@@ -283,6 +335,9 @@ class Trainer:
         log = MetricsLogger(self.run_dir, cfg.log, cfg.train.steps, self.step, enabled=self.is_main)
         if self.step:
             log.message(f"resumed from {self.resumed_from} at step {self.step}")
+        elif self.restarted:
+            log.message(f"no complete checkpoint in {self.ckpt.dir}: the run starts afresh "
+                        "(its partial metrics and TensorBoard events are reset)")
         for note in self.stream.notes():
             log.message(note)
         last_eval: dict = {}
@@ -290,16 +345,19 @@ class Trainer:
         try:
             while self.step < cfg.train.steps:
                 t0 = time.perf_counter()
-                loss, grad_norm, stats = self.train_step()
+                loss, grad_norm, stats, applied = self.train_step()
                 if self.device.type == "cuda":
                     torch.cuda.synchronize()
                 tps = tokens_per_step / (time.perf_counter() - t0)
                 lr = self.scheduler.get_last_lr()[0]
                 for note in self.stream.notes():
                     log.message(note)
-                if self.step % cfg.log.interval == 0 or self.step == cfg.train.steps:
+                if not applied or self.step % cfg.log.interval == 0 or self.step == cfg.train.steps:
                     log.log({"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                             **stats, "tokens_per_s": tps, **self._utilisation(tps)})
+                             **stats, "tokens_per_s": tps, **self._utilisation(tps),
+                             **({} if applied else {"skipped": True})})
+                if not applied:
+                    self._nonfinite(loss, grad_norm, log)
                 log.progress(self.step, loss, tps, lr)
                 done = self.step == cfg.train.steps
                 stopping = self.step == cfg.train.stop_after
@@ -313,10 +371,39 @@ class Trainer:
                     log.message(f"stopping after step {self.step} (train.stop_after); "
                                 "continue with checkpoint.resume=auto")
                     break
+        except KeyboardInterrupt:
+            self.write_run_info("interrupted")
+            raise
+        except Exception as e:  # the run is not a measurement: the law tools leave it out
+            reason = str(e) if isinstance(e, KisError) else f"{type(e).__name__}: {e}"
+            self.write_run_info("failed", reason)
+            raise
         finally:
             log.close()
         self.write_run_info("finished" if self.step == cfg.train.steps else "stopped")
         return last_eval
+
+    def _nonfinite(self, loss: float, grad_norm: float, log: MetricsLogger) -> None:
+        """A step that was not applied: skip it within train.skip_nonfinite_steps, else stop."""
+        self.nonfinite_steps += 1
+        allowed = self.cfg.train.skip_nonfinite_steps
+        bad = [f"{name} is {value}" for name, value in (("the loss", loss), ("the gradient norm", grad_norm))
+               if not math.isfinite(value)] or ["another rank's loss or gradient norm is not finite"]
+        what = f"step {self.step}: {' and '.join(bad)}"
+        if self.nonfinite_steps > allowed:
+            raise TrainingDiverged(
+                f"the run diverged at {what}; its update was not applied and no checkpoint of "
+                f"it is written. Lower train.lr (or raise train.warmup_steps), or let such steps "
+                f"be skipped with train.skip_nonfinite_steps (now {allowed})")
+        log.message(f"warning: {what}; the update is skipped ({self.nonfinite_steps} of "
+                    f"train.skip_nonfinite_steps={allowed})")
+
+
+def _run_status(run_dir: Path) -> Optional[str]:
+    try:
+        return json.loads((run_dir / "run.json").read_text()).get("status")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _mean_over_ranks(x: torch.Tensor) -> torch.Tensor:
@@ -346,9 +433,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         train(cfg)
-    except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (KisError, KernelBackendError) as e:  # a traceback past here is a bug
+        return exit_with(e)
     except KeyboardInterrupt:
         print("interrupted; resume with checkpoint.resume=auto", file=sys.stderr)
         return 130

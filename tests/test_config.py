@@ -27,6 +27,9 @@ def test_defaults_preset_yaml_and_overrides_merge_in_order(tmp_path):
     (["train.global_batch=10", "train.micro_batch=4"], "train.global_batch"),
     (["model.n_heads=4", "model.n_kv_heads=3", "model.dim=64"], "model.n_kv_heads"),
     (["infusion.domains=[{name: a, pathh: b}]"], "infusion.domains[0].pathh"),
+    (["infusion.facts=0", "infusion.domain=d"], "infusion.facts"),
+    (["infusion.facts=8"], "infusion.facts"),  # needs infusion.domain
+    (["eval.max_probes=-1"], "eval.max_probes"),
 ])
 def test_bad_values_name_the_key(overrides, key):
     with pytest.raises(ConfigError) as e:
@@ -46,3 +49,11 @@ def test_nested_lists_and_dicts_are_typed():
                                          "ratio_steps": {0: 0.1, 10: 0.2}}})
     assert cfg.infusion.domains[0].ratio == 0.1
     assert cfg.infusion.ratio_steps == {0: 0.1, 10: 0.2}
+
+
+def test_facts_is_the_law_value_of_a_domain_facts_study():
+    over = ["infusion.domain=d", "infusion.facts=48"]
+    assert load_config(None, over + ["infusion.kind=domain_facts"]).infusion.value == 48.0
+    given = load_config(None, over + ["infusion.kind=domain_facts", "infusion.value=7"])
+    assert given.infusion.value == 7.0
+    assert load_config(None, over).infusion.value is None  # kind ratio: the ratio, as before

@@ -14,9 +14,8 @@ import json
 import sys
 
 from kis_megatron.config import ConfigError
-from kis_megatron.data.errors import DataError
+from kis_megatron.errors import KisError, exit_with
 from kis_megatron.eval.probing import evaluate_checkpoint
-from kis_megatron.training.checkpoint import CheckpointError
 from kis_megatron.utils import atomic_write_json
 
 
@@ -39,9 +38,8 @@ def main(argv=None) -> int:
                     raise ConfigError(f"--probes takes NAME=FILE, got {item!r}")
                 probes[name] = path
         metrics = evaluate_checkpoint(args.run_dir, args.checkpoint, probes, args.exact_match, args.device)
-    except (ConfigError, DataError, CheckpointError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except KisError as e:
+        return exit_with(e)
     text = json.dumps(metrics, indent=2)
     print(text)
     if args.out:

@@ -12,10 +12,8 @@ as lm-evaluation-harness can score it. Single-process checkpoints only.
 import argparse
 import sys
 
-from kis_megatron.config import ConfigError
-from kis_megatron.data.errors import DataError
+from kis_megatron.errors import KisError, exit_with
 from kis_megatron.interop.hf import export_hf
-from kis_megatron.training.checkpoint import CheckpointError
 
 
 def main(argv=None) -> int:
@@ -29,9 +27,8 @@ def main(argv=None) -> int:
     try:
         out = export_hf(args.run_dir, args.out, checkpoint=args.checkpoint,
                         max_shard_size=args.max_shard_size, tokenizer=args.tokenizer)
-    except (ConfigError, DataError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except KisError as e:
+        return exit_with(e)
     print(f"wrote {out}")
     return 0
 

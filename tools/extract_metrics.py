@@ -17,7 +17,8 @@ import argparse
 import sys
 
 from kis_megatron.law.runs import extract_runs, find_run_dirs
-from kis_megatron.law.table import LawInputError, write_table
+from kis_megatron.errors import KisError, exit_with
+from kis_megatron.law.table import write_table
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,9 +38,8 @@ def main(argv: list[str] | None = None) -> int:
         for note in notes:
             print(f"warning: {note}", file=sys.stderr)
         write_table(rows, args.out)
-    except LawInputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except KisError as e:
+        return exit_with(e)
     runs = len({r["run_id"] for r in rows})
     print(f"wrote {len(rows)} rows from {runs} runs to {args.out}")
     return 0

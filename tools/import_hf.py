@@ -15,8 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from kis_megatron.config import ConfigError
-from kis_megatron.data.errors import DataError
+from kis_megatron.errors import KisError, exit_with
 from kis_megatron.interop.hf import import_hf
 from kis_megatron.utils import atomic_write_text
 
@@ -29,9 +28,8 @@ def main(argv=None) -> int:
     try:
         hf_dir = Path(args.hf_dir).resolve()
         fields, _ = import_hf(hf_dir)  # reads and checks the weights too, so errors show now
-    except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except KisError as e:
+        return exit_with(e)
     config = {"model": {**fields, "init_from": f"hf:{hf_dir}"}}
     if (hf_dir / "tokenizer.model").is_file():
         config["data"] = {"tokenizer": str(hf_dir / "tokenizer.model")}

@@ -32,7 +32,7 @@ A ``--config`` YAML holds the same settings::
     renders_per_fact: null     # null: each paraphrase once per fact
     probe_k: 4                 # distractors per probe
     probe_seed: 0              # default: seed
-    max_probe_facts: null      # cap probes per world (seeded sample of facts)
+    max_probe_facts: null      # cap probes per world (seeded sample); null: every fact
     general: {entities: 300, facts_per_entity: null, pool_sizes: {city: 24}}
     domain: {count: 1, entities: 256, relations: [colour, boiling_point, lab, use]}
 
@@ -53,9 +53,10 @@ from pathlib import Path
 
 import yaml
 
-from kis_megatron.data.knowledge import (KnowledgeError, KnowledgeSet, jsonl_text,
+from kis_megatron.data.knowledge import (KnowledgeSet, jsonl_text,
                                          load_knowledge_set, render_documents, save_knowledge_set)
 from kis_megatron.data.worlds import configs_from_dict, default_configs, generate_worlds
+from kis_megatron.errors import KisError
 from kis_megatron.eval.retention import build_probes, save_probes
 from kis_megatron.utils import atomic_write_text
 
@@ -64,7 +65,7 @@ _TOP_KEYS = ("seed", "renders_per_fact", "probe_k", "probe_seed", "max_probe_fac
 _SHAPE_FLAGS = ("general_entities", "domain_entities", "domains", "facts_per_entity")
 
 
-class UsageError(ValueError):
+class UsageError(KisError, ValueError):
     """A bad combination of command-line options."""
 
 
@@ -91,7 +92,8 @@ def parse_args(argv):
     p.add_argument("--probe-k", type=int, help="distractors per probe (default 4)")
     p.add_argument("--probe-seed", type=int, help="probe sampling seed (default: --seed)")
     p.add_argument("--max-probe-facts", type=int, help="probe at most this many facts per "
-                   "world (seeded sample)")
+                   "world (seeded sample; default: every fact, as infusion.facts and "
+                   "eval.max_probes expect)")
     return p.parse_args(argv)
 
 
@@ -212,7 +214,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         out = make(args)
-    except (KnowledgeError, UsageError) as e:
+    except KisError as e:  # KnowledgeError, UsageError, DataError
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:

@@ -17,7 +17,7 @@ per paragraph of lines separated by blank lines (--text-doc-sep blank).
 import argparse
 import sys
 
-from kis_megatron.data.errors import DataError
+from kis_megatron.errors import KisError
 from kis_megatron.data.preprocess import FORMATS, TEXT_DOC_SEPS, preprocess
 
 
@@ -60,7 +60,7 @@ def main(argv=None) -> int:
             chunk_size=args.chunk_size,
             progress=False if args.no_progress else None,
         )
-    except (DataError, OSError) as e:
+    except (KisError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {args.output_prefix}.bin/.idx: {meta['num_documents']} documents, "

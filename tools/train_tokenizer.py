@@ -11,7 +11,7 @@ whitespace kept, byte fallback) and split digits; ids: unk 0, bos 1, eos/EOD 2, 
 import argparse
 import sys
 
-from kis_megatron.data.errors import DataError
+from kis_megatron.errors import KisError
 from kis_megatron.data.preprocess import FORMATS, train_tokenizer_from_corpus
 
 
@@ -61,7 +61,7 @@ def main(argv=None) -> int:
             num_threads=args.threads,
             verbose=args.verbose,
         )
-    except (DataError, OSError) as e:
+    except (KisError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {path} ({args.vocab_size} pieces)")

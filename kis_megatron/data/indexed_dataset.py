@@ -380,8 +380,7 @@ class IndexedDataset:
                 f"{np.dtype(dtype).name} ({self.num_tokens * self._itemsize} bytes); the pair "
                 "does not belong together or one file is truncated: re-run preprocessing"
             )
-        if n and int(self.pointers[-1]) + int(self.sizes[-1]) * self._itemsize != bin_size:
-            raise DataError(f"{ipath}: sequence pointers do not match {bpath}; the index is corrupt")
+        _check_pointers(ipath, self.sizes, self.pointers, self.document_indices, self._itemsize)
         le = np.dtype(dtype).newbyteorder("<")
         if bin_size == 0:  # mmap cannot map an empty file
             self._tokens = np.empty(0, dtype=dtype)
@@ -441,6 +440,34 @@ class IndexedDataset:
         if self.num_tokens == 0:
             return 0, -1
         return int(self._tokens.min()), int(self._tokens.max())
+
+
+# Index entries checked per numpy pass when a shard is opened (bounds the temporaries).
+_CHECK_CHUNK = 1 << 22
+
+
+def _check_pointers(ipath: str, sizes, pointers, doc_idx, itemsize: int) -> None:
+    """Every sequence must start where the previous one ends (Megatron's writer and ours
+    lay them back to back, and the .bin size was checked against the sum of the sizes), and
+    document indices must not go backwards: a vectorised pass, in chunks."""
+    end = 0  # byte offset where the next sequence must start
+    for lo in range(0, len(sizes), _CHECK_CHUNK):
+        s = sizes[lo:lo + _CHECK_CHUNK].astype(np.int64) * itemsize
+        expected = end + np.concatenate(([0], np.cumsum(s[:-1])))
+        wrong = np.flatnonzero(pointers[lo:lo + _CHECK_CHUNK] != expected)
+        if len(wrong):
+            i = lo + int(wrong[0])
+            raise DataError(
+                f"{ipath}: sequence {i} starts at byte {int(pointers[i])}, but the sizes before "
+                f"it end at byte {int(expected[wrong[0]])}; the sizes and pointers disagree, the "
+                "index is corrupt: re-run preprocessing")
+        end += int(s.sum())
+    for lo in range(0, max(len(doc_idx) - 1, 0), _CHECK_CHUNK):
+        step = np.diff(doc_idx[lo:lo + _CHECK_CHUNK + 1])
+        if len(step) and int(step.min()) < 0:
+            k = lo + int(np.argmax(step < 0))
+            raise DataError(f"{ipath}: document index {k + 1} goes back from {int(doc_idx[k])} to "
+                            f"{int(doc_idx[k + 1])}; the index is corrupt: re-run preprocessing")
 
 
 def write_meta(prefix, meta: dict) -> None:

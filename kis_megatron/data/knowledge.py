@@ -44,6 +44,7 @@ from pathlib import Path
 
 import yaml
 
+from kis_megatron.errors import KisError
 from kis_megatron.utils import atomic_write_text
 
 SLOTS = ("subject", "object")
@@ -52,7 +53,7 @@ TEMPLATE_KINDS = ("statements", "questions", "heldout_questions")
 _S, _O = "\x00SUBJECT\x00", "\x00OBJECT\x00"
 
 
-class KnowledgeError(ValueError):
+class KnowledgeError(KisError, ValueError):
     """A problem in a knowledge set (triplets or templates); the message names file and line."""
 
 

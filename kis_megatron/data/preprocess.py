@@ -70,14 +70,24 @@ def _check_inputs(inputs) -> list[str]:
 
 
 def _lines(path: str) -> Iterator[tuple[int, str]]:
-    """(line number, line without its newline); universal newlines, UTF-8 with optional BOM."""
+    """(line number, line without its newline); universal newlines, UTF-8 with optional BOM.
+    Each line is decoded on its own (a text-mode file decodes ahead in blocks), so invalid
+    UTF-8 is reported at its own line."""
     lineno = 0
-    try:
-        with open(path, encoding="utf-8-sig") as f:
-            for lineno, line in enumerate(f, start=1):
-                yield lineno, line.rstrip("\n")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not valid UTF-8 after line {lineno} ({e.reason})") from None
+    with open(path, "rb") as f:
+        for raw in f:
+            raw = raw.removesuffix(b"\n").removesuffix(b"\r")  # LF or CRLF
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                at = lineno + 1 + raw[:e.start].count(b"\r")  # lone CRs end lines too
+                raise DataError(f"{path}:{at}: not valid UTF-8 ({e.reason}); the corpus must "
+                                "be UTF-8 text") from None
+            if lineno == 0:
+                text = text.removeprefix("\ufeff")
+            for part in text.split("\r"):
+                lineno += 1
+                yield lineno, part
 
 
 def _label(path: str, lineno: int, obj: dict, doc_key: str) -> int:

@@ -1,8 +1,12 @@
 """From the config's ``data`` and ``infusion`` sections to the trainer's batches.
 
 Opens the general and domain shards, checks them against the model's vocabulary and the
-tokenizer, builds the infusion blender (ratio 0 and no domain = plain pretraining) and wraps
-it for one data-parallel rank. Validation windows come from ``data.valid``.
+tokenizer (and against each other: every shard's sidecar must name the same tokenizer), builds
+the infusion blender (ratio 0 and no domain = plain pretraining) and wraps it for one
+data-parallel rank. With ``infusion.facts`` = F the domain stream holds only the documents
+of facts 0 .. F-1 (a view, ``kis_megatron.data.fact_subset``). Every batch's token ids are
+checked against the vocabulary as it is read (one max per row), so a corrupt id is an error
+naming its shard, not an index error in the model. Validation windows come from ``data.valid``.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import torch
 
 from kis_megatron.config import Config, ConfigError, InfusionConfig
 from kis_megatron.data.errors import DataError
+from kis_megatron.data.fact_subset import first_facts
 from kis_megatron.data.indexed_dataset import IndexedDataset, check_vocab, load_doc_labels, read_meta
 from kis_megatron.data.infusion import Batch, InfusionBlender
 from kis_megatron.data.infusion_source import TokenWindowSource
@@ -46,6 +51,41 @@ def open_shard(prefix: str, key: str, vocab_size: int, tokenizer: Optional[str])
     return ds
 
 
+def check_one_tokenizer(shards: list[tuple[str, str]]) -> None:
+    """Refuse shards (``(config key, prefix)`` pairs) whose sidecars record different
+    tokenizers: their token ids would mean different words. Needs no ``data.tokenizer``;
+    shards without a sidecar (e.g. made by Megatron) cannot be compared and are let through."""
+    first = None
+    for key, prefix in shards:
+        meta = read_meta(prefix) if prefix else None
+        sha = meta.get("tokenizer_sha256") if meta else None
+        if not sha:
+            continue
+        if first is None:
+            first = (key, prefix, sha, meta.get("tokenizer_model"))
+        elif sha != first[2]:
+            raise DataError(
+                f"{key}: shard {prefix} was tokenized with {meta.get('tokenizer_model')} (sha256 "
+                f"{sha[:12]}...), but {first[0]}: shard {first[1]} with {first[3]} (sha256 "
+                f"{first[2][:12]}...); all shards of a run need one tokenizer: re-run "
+                "tools/preprocess_data.py with the same --tokenizer-model")
+
+
+def check_ids(tokens: np.ndarray, vocab_size: int, where) -> None:
+    """Refuse token ids outside [0, vocab_size) in ``tokens`` (rows of windows);
+    ``where(row)`` names the shard a row came from."""
+    if not tokens.size:
+        return
+    hi, lo = tokens.max(axis=1), tokens.min(axis=1)
+    bad = np.flatnonzero((hi >= vocab_size) | (lo < 0))
+    if len(bad):
+        row = int(bad[0])
+        value = int(hi[row]) if hi[row] >= vocab_size else int(lo[row])
+        raise DataError(f"{where(row)} holds token id {value}, outside the model's vocabulary "
+                        f"[0, {vocab_size}); the shard is corrupt or was made with another "
+                        "tokenizer: re-run tools/preprocess_data.py")
+
+
 def _schedule(inf: InfusionConfig, ratio: float):
     if inf.schedule == "constant":
         return ratio
@@ -57,13 +97,19 @@ def _schedule(inf: InfusionConfig, ratio: float):
 class TrainStream:
     """The blender seen from one data-parallel rank, with log-friendly statistics."""
 
-    def __init__(self, blender: InfusionBlender, dp_rank: int, dp_size: int, describe: dict):
+    def __init__(self, blender: InfusionBlender, dp_rank: int, dp_size: int, describe: dict,
+                 vocab_size: Optional[int] = None, shards: Optional[list[str]] = None):
         self.blender, self.dp_rank, self.dp_size = blender, dp_rank, dp_size
         self._describe = describe
         self._notes: list[str] = []
+        # For the id check of every batch: the vocabulary, and "key: shard prefix" per source.
+        self.vocab_size, self.shards = vocab_size, shards
 
     def next_batch(self) -> "StreamBatch":
         b: Batch = self.blender.next_batch(self.dp_rank, self.dp_size)
+        if self.vocab_size is not None:
+            check_ids(b.tokens, self.vocab_size, lambda row: f"{self.shards[b.source[row]]} "
+                      f"(the batch of step {b.step + 1})")
         for name, epoch in b.new_epochs:
             if epoch == 2 or epoch % 10 == 0:  # the first repeat, then a reminder now and then
                 self._notes.append(f"data: source '{name}' is exhausted and repeats (epoch {epoch})")
@@ -97,6 +143,9 @@ class StreamBatch:
 def build_train_stream(cfg: Config, dp_rank: int = 0, dp_size: int = 1) -> TrainStream:
     d, inf, t = cfg.data, cfg.infusion, cfg.train
     vocab = cfg.model.vocab_size
+    check_one_tokenizer([("data.train", d.train), ("data.valid", d.valid),
+                         ("infusion.domain", inf.domain)]
+                        + [(f"infusion.domains.{s.name}", s.path) for s in inf.domains])
     general = TokenWindowSource(open_shard(d.train, "data.train", vocab, d.tokenizer), d.seq_len,
                                 t.seed, "general")
     specs = [(s.name, s.path, s.ratio) for s in inf.domains]
@@ -108,12 +157,16 @@ def build_train_stream(cfg: Config, dp_rank: int = 0, dp_size: int = 1) -> Train
         raise ConfigError("infusion.schedule window/steps applies to infusion.domain; "
                           "infusion.domains takes constant ratios")
     domains, ratios, describe = [], [], {"domains": []}
+    shards = [f"data.train: shard {d.train}"]
     for name, path, ratio in specs:
         key = "infusion.domain" if name == "domain" and path == inf.domain else f"infusion.domains.{name}"
         ds = open_shard(path, key, vocab, d.tokenizer)
         labels = load_doc_labels(path)
+        if inf.facts is not None and path == inf.domain:
+            ds, labels = _first_facts(ds, labels, inf.facts, path, d.seq_len)
         src = TokenWindowSource(ds, d.seq_len, t.seed, name, doc_labels=labels)
         domains.append(src)
+        shards.append(f"{key}: shard {path}")
         ratios.append(_schedule(inf, ratio) if path == inf.domain else ratio)
         describe["domains"].append({"name": name, "path": str(path), "ratio": ratio,
                                     "documents": len(ds), "tokens": int(ds.num_tokens),
@@ -123,7 +176,17 @@ def build_train_stream(cfg: Config, dp_rank: int = 0, dp_size: int = 1) -> Train
         describe["domain_documents"] = describe["domains"][0]["documents"]
     blender = InfusionBlender(general, domains, ratios, d.seq_len, t.global_batch, t.seed,
                               t.steps, repeat=inf.repeat)
-    return TrainStream(blender, dp_rank, dp_size, describe)
+    return TrainStream(blender, dp_rank, dp_size, describe, vocab, shards)
+
+
+def _first_facts(ds, labels, facts: int, path: str, seq_len: int):
+    """The documents of facts 0 .. facts-1 of the domain shard (``infusion.facts``)."""
+    view, labels = first_facts(ds, labels, facts, where=f"infusion.domain shard {path}")
+    if view.num_tokens < seq_len + 1:
+        raise DataError(f"infusion.facts={facts}: the documents of the first {facts} facts hold "
+                        f"{view.num_tokens} tokens, fewer than one window of data.seq_len + 1 = "
+                        f"{seq_len + 1}; raise infusion.facts or lower data.seq_len")
+    return view, labels
 
 
 def build_validation_windows(cfg: Config) -> Optional[torch.Tensor]:
@@ -134,7 +197,9 @@ def build_validation_windows(cfg: Config) -> Optional[torch.Tensor]:
     ds = open_shard(cfg.data.valid, "data.valid", cfg.model.vocab_size, cfg.data.tokenizer)
     src = TokenWindowSource(ds, cfg.data.seq_len, 0, "valid")
     n = min(cfg.eval.val_batches * cfg.train.micro_batch, src.num_windows_per_epoch)
-    return torch.from_numpy(src.windows(0, 0, n).astype(np.int64))
+    windows = src.windows(0, 0, n).astype(np.int64)
+    check_ids(windows, cfg.model.vocab_size, lambda row: f"data.valid: shard {cfg.data.valid}")
+    return torch.from_numpy(windows)
 
 
 def shard_exists(prefix: str) -> bool:

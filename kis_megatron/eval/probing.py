@@ -8,11 +8,13 @@ from pathlib import Path
 import torch
 
 from kis_megatron.config import Config, ConfigError
-from kis_megatron.eval.retention import evaluate_retention, load_probes
+from kis_megatron.eval.retention import evaluate_retention, load_probes, select_probes
 
 
 class ProbeRunner:
-    """Scores the probe files of ``eval.probes`` ({name: path}) with a model."""
+    """Scores the probe files of ``eval.probes`` ({name: path}) with a model: for the set
+    named ``domain`` only facts below ``infusion.facts`` (when set), and at most
+    ``eval.max_probes`` facts per set (``select_probes``; 0 = all)."""
 
     def __init__(self, cfg: Config, device: torch.device):
         from kis_megatron.data.tokenizer import Tokenizer
@@ -25,7 +27,13 @@ class ProbeRunner:
         for name, path in cfg.eval.probes.items():
             if not Path(path).is_file():
                 raise ConfigError(f"eval.probes.{name}: probe file {path} not found")
-            self.probes[name] = load_probes(path)
+            # The set named `domain` probes the infused facts: with infusion.facts, only those.
+            below = cfg.infusion.facts if name == "domain" else None
+            probes = select_probes(load_probes(path), cfg.eval.max_probes, below)
+            if not probes:
+                raise ConfigError(f"eval.probes.{name}: {path} has no probe of a fact below "
+                                  f"infusion.facts={below}")
+            self.probes[name] = probes
 
     @torch.no_grad()
     def run(self, model) -> dict:
@@ -57,7 +65,7 @@ def evaluate_checkpoint(run_dir: str | Path, checkpoint: str | Path | None = Non
     from kis_megatron.config import load_config
     from kis_megatron.model.llama import build_model
     from kis_megatron.train import resolve_device
-    from kis_megatron.training.checkpoint import CheckpointError, CheckpointManager
+    from kis_megatron.training.checkpoint import CheckpointError, CheckpointManager, verify
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
@@ -71,6 +79,7 @@ def evaluate_checkpoint(run_dir: str | Path, checkpoint: str | Path | None = Non
     path = Path(checkpoint) if checkpoint else CheckpointManager(run_dir / "checkpoints").latest()
     if path is None:
         raise CheckpointError(f"{run_dir / 'checkpoints'} holds no complete checkpoint")
+    verify(path, cfg.model)
     dev = resolve_device(device)
     model = build_model(cfg.model, seed=cfg.train.seed, device=dev)
     extra = CheckpointManager(path.parent).load(path, model, optimizer=None)

@@ -17,6 +17,8 @@ Put the model in eval mode first (dropout); gradients are off here.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import random
 from collections import defaultdict
@@ -104,6 +106,67 @@ def build_probes(ks: KnowledgeSet, k: int = 4, seed: int = 0, max_facts: int | N
     return probes
 
 
+_RANK_KEY = b"kis-megatron/probe-rank/1"
+
+
+def fact_rank(fact_id: int) -> int:
+    """A fixed pseudo-random rank of a fact id: blake2b with a fixed key, so it is the same
+    in every process and run (Python's ``hash`` is salted per process)."""
+    digest = hashlib.blake2b(str(fact_id).encode(), digest_size=8, key=_RANK_KEY).digest()
+    return int.from_bytes(digest, "big")
+
+
+def select_probes(probes: Sequence[ProbeItem], max_facts: int = 0,
+                  facts_below: int | None = None) -> list[ProbeItem]:
+    """The probes of the facts to score, in their original order: the facts with
+    ``fact_id < facts_below`` (every fact when None), then, when ``max_facts`` > 0, only the
+    first ``max_facts`` of those in the fixed ranking by :func:`fact_rank`. Every probe of a
+    chosen fact is kept (all styles). The choice is nested: a larger ``max_facts`` adds
+    facts, and the facts chosen below a larger ``facts_below`` that lie below a smaller one
+    are all chosen there too.
+
+    With ``facts_below``, distractors are drawn from the objects of the kept facts only
+    (:func:`restrict_distractors`): a distractor the model never saw in training would be
+    an easy wrong answer, and retention would sit above chance without any recall."""
+    below = [p for p in probes if facts_below is None or p.fact_id < facts_below]
+    eligible = {p.fact_id for p in below}
+    if max_facts and len(eligible) > max_facts:
+        eligible = set(sorted(eligible, key=lambda f: (fact_rank(f), f))[:max_facts])
+    if facts_below is not None:
+        below = restrict_distractors(below)
+    return [p for p in below if p.fact_id in eligible]
+
+
+def restrict_distractors(probes: Sequence[ProbeItem]) -> list[ProbeItem]:
+    """Probes whose distractors all lie among the answers of ``probes`` of the same
+    knowledge set and relation (the objects trained on when these are a world's first
+    facts). A probe that already satisfies this is kept as it is; otherwise its
+    distractors are redrawn from that pool, as many as it had, with a seed fixed by the
+    fact, style and template (the same in every process)."""
+    pools: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for p in probes:
+        pool = pools[(p.knowledge_set, p.relation)]
+        if p.answer not in pool:
+            pool.append(p.answer)
+    out = []
+    for p in probes:
+        pool = pools[(p.knowledge_set, p.relation)]
+        if all(d in pool for d in p.distractors):
+            out.append(p)
+            continue
+        others = [o for o in pool if o != p.answer]
+        k = len(p.distractors)
+        if len(others) < k:
+            raise KnowledgeError(
+                f"the first facts of '{p.knowledge_set}' hold {len(pool)} distinct objects of "
+                f"relation '{p.relation}', too few for {k} distractors per probe; infuse more "
+                "facts (raise infusion.facts)")
+        seed = fact_rank(p.fact_id) ^ (STYLES.index(p.style) << 8 | p.template)
+        picked = tuple(random.Random(seed).sample(others, k))
+        out.append(dataclasses.replace(p, distractors=picked))
+    return out
+
+
 def save_probes(path: str | Path, probes: Sequence[ProbeItem]) -> None:
     """Write probes as JSONL, atomically."""
     atomic_write_text(path, jsonl_text(p.to_json() for p in probes))
@@ -132,9 +195,14 @@ def load_probes(path: str | Path) -> list[ProbeItem]:
     """Read a probe JSONL file written by :func:`save_probes`; errors name file and line."""
     path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        data = path.read_bytes()
+        lines = data.decode("utf-8").splitlines()
     except OSError as e:
         raise KnowledgeError(f"{path}: cannot read probe file ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise KnowledgeError(f"{path}:{line}: not valid UTF-8 ({e.reason}); probe files are "
+                             "UTF-8 JSONL") from None
     out = []
     for lineno, line in enumerate(lines, 1):
         if not line.strip():
@@ -175,10 +243,10 @@ def answer_span(encode: Callable[[str], list[int]], prompt: str,
     while start < min(len(full), len(head)) and full[start] == head[start]:
         start += 1
     if start == 0:
-        raise ValueError(f"prompt {prompt!r} shares no leading token with prompt + answer; "
-                         "the first answer token needs context (let encode add a BOS token)")
+        raise KnowledgeError(f"prompt {prompt!r} shares no leading token with prompt + answer; "
+                             "the first answer token needs context (let encode add a BOS token)")
     if start == len(full):
-        raise ValueError(f"answer {answer!r} adds no tokens after prompt {prompt!r}")
+        raise KnowledgeError(f"answer {answer!r} adds no tokens after prompt {prompt!r}")
     return full, start
 
 

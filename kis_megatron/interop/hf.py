@@ -284,7 +284,7 @@ def export_hf(run_dir_or_checkpoint: str | Path, out_dir: str | Path,
     from kis_megatron.config import load_config
     from kis_megatron.interop.hf_tokenizer import write_hf_tokenizer
     from kis_megatron.model.llama import build_model
-    from kis_megatron.training.checkpoint import CheckpointManager
+    from kis_megatron.training.checkpoint import CheckpointManager, verify
 
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
@@ -308,10 +308,15 @@ def export_hf(run_dir_or_checkpoint: str | Path, out_dir: str | Path,
         raise InteropError(f"the tokenizer has {n_pieces} pieces but model.vocab_size is "
                            f"{cfg.model.vocab_size}")
 
+    verify(ckpt, cfg.model)
     model = build_model(cfg.model, seed=cfg.train.seed, device="cpu")
     CheckpointManager(ckpt.parent).load(ckpt, model, optimizer=None)
     state = {k: v.detach().to(torch.float32).contiguous().clone()
              for k, v in model.state_dict().items()}
+    for name, tensor in state.items():
+        if not bool(torch.isfinite(tensor).all()):
+            raise InteropError(f"{ckpt}: {name} holds NaN or infinite values (the run diverged); "
+                               "export an earlier checkpoint with --checkpoint")
     tensors = to_hf_state_dict(state, tied=cfg.model.tie_embeddings)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,7 @@
 """The whole law analysis of one table, as a value: select curves, locate collapse points,
-fit the law, check it on the largest model, predict.  report.py and plots.py render it."""
+fit the law (jointly, or in two stages), check it on the largest model, predict, and check
+the prediction against a larger validation model when its runs are given.  report.py and
+plots.py render it."""
 
 from __future__ import annotations
 
@@ -8,8 +10,12 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from kis_megatron.law.collapse import CollapsePoint, detect_collapse
-from kis_megatron.law.fit import LawFit, fit_law, leave_largest_out
+from kis_megatron.law.fit import LawFit, check_prediction, fit_law, leave_largest_out
+from kis_megatron.law.joint import fit_law_joint
 from kis_megatron.law.table import Curve, LawInputError, select_curves
+
+
+FITS = ("joint", "two-stage")
 
 
 @dataclass
@@ -24,8 +30,11 @@ class Options:
     n_boot: int = 1000
     seed: int = 0
     confidence: float = 0.95
+    fit: str = "joint"  # joint | two-stage (see joint.py and fit.py)
 
     def validate(self) -> None:
+        if self.fit not in FITS:
+            raise LawInputError(f"--fit takes {' or '.join(FITS)}, got {self.fit!r}")
         if not 0.0 < self.fraction < 1.0:
             raise LawInputError(f"--fraction must be in (0, 1), got {self.fraction}")
         if not self.min_drop > 0:
@@ -51,6 +60,9 @@ class Analysis:
     heldout: dict
     prediction: dict | None = None
     sources: list[str] = field(default_factory=list)
+    validation: dict | None = None
+    validation_curve: Curve | None = None
+    validation_point: CollapsePoint | None = None
 
 
 def parse_target(text: str) -> tuple[float, float | None]:
@@ -107,30 +119,72 @@ def logged_chance(rows: list[dict], metric: str) -> float:
     return float(np.mean(vals))
 
 
-def analyze(rows: list[dict], options: Options, target: str | None = None) -> Analysis:
-    """Run the analysis on table rows.  Raises LawInputError with one clear message for any
-    input problem (see table.select_curves and fit.fit_law)."""
+def locate(curves: list[Curve], options: Options, stream: int = 0) -> list[CollapsePoint]:
+    """Each curve's collapse point by the documented detector (collapse.py); bootstrap
+    streams are independent per curve (``stream`` separates other sets of curves)."""
+    return [
+        detect_collapse(curve, fraction=options.fraction, chance=options.chance,
+                        min_drop=options.min_drop, n_boot=options.n_boot,
+                        confidence=options.confidence,
+                        rng=np.random.default_rng([options.seed, i] + ([stream] if stream else [])))
+        for i, curve in enumerate(curves)
+    ]
+
+
+def fit(curves: list[Curve], points: list[CollapsePoint], options: Options) -> LawFit:
+    """The law from located curves, by ``options.fit``."""
+    if options.fit == "two-stage":
+        return fit_law(points, options.confidence)
+    return fit_law_joint(curves, points, chance=options.chance, fraction=options.fraction,
+                         n_boot=options.n_boot, confidence=options.confidence,
+                         rng=np.random.default_rng([options.seed, 1_000_003]))
+
+
+def analyze(rows: list[dict], options: Options, target: str | None = None,
+            validation_rows: list[dict] | None = None) -> Analysis:
+    """Run the analysis on table rows (and, with ``validation_rows``, check the law's
+    prediction for the larger model those rows measured; they never enter the fit).
+    Raises LawInputError with one clear message for any input problem (see
+    table.select_curves and fit.fit_law)."""
     options.validate()
     if options.chance == "auto":
         options = replace(options, chance=logged_chance(rows, options.metric))
     target_nd = parse_target(target) if target else None
     curves, kind = select_curves(rows, options.metric, options.infusion_kind)
-    points = []
-    for i, curve in enumerate(curves):
-        rng = np.random.default_rng([options.seed, i])  # one stream per curve: independent
-        points.append(
-            detect_collapse(
-                curve,
-                fraction=options.fraction,
-                chance=options.chance,
-                min_drop=options.min_drop,
-                n_boot=options.n_boot,
-                confidence=options.confidence,
-                rng=rng,
-            )
-        )
-    law = fit_law(points, options.confidence)
-    result = Analysis(options, kind, curves, points, law, leave_largest_out(law))
+    points = locate(curves, options)
+    law = fit(curves, points, options)
+
+    def refit(subset: list[CollapsePoint]) -> LawFit:
+        keep = [i for i, p in enumerate(points) if any(p is q for q in subset)]
+        return fit([curves[i] for i in keep], [points[i] for i in keep], options)
+
+    result = Analysis(options, kind, curves, points, law, leave_largest_out(law, refit))
     if target_nd:
         result.prediction = predict(law, *target_nd)
+    if validation_rows is not None:
+        validate(result, validation_rows)
     return result
+
+
+def validate(result: Analysis, rows: list[dict]) -> None:
+    """Locate the validation model's collapse point with the same detector and settings,
+    and compare it with the law's prediction (fit.check_prediction) into
+    ``result.validation``."""
+    o = result.options
+    curves, kind = select_curves(rows, o.metric, o.infusion_kind, min_sizes=1)
+    if kind != result.infusion_kind:
+        raise LawInputError(f"the validation runs vary {kind!r}, the ladder {result.infusion_kind!r}")
+    if len(curves) != 1:
+        shown = ", ".join(c.label for c in curves)
+        raise LawInputError(f"validation runs must hold one model size at one budget; they hold {shown}")
+    fitted = {p.model_params for p in result.law.points}
+    curve = curves[0]
+    if curve.model_params in fitted:
+        raise LawInputError(f"the validation model (N={curve.model_params:.4g}) is one of the "
+                            "ladder's fitted sizes; validate a held-out size")
+    point = locate([curve], o, stream=7)[0]
+    check = check_prediction(result.law, point)
+    check["levels"] = sorted({float(v) for v in curve.infusion})
+    check["runs"] = int(curve.infusion.size)
+    check["extrapolation"] = curve.model_params / max(fitted)
+    result.validation, result.validation_curve, result.validation_point = check, curve, point

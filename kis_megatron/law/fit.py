@@ -16,6 +16,7 @@ leave-the-largest-model-out check tests, and the report gives the RMS residual o
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -23,7 +24,7 @@ from kis_megatron.law.collapse import COLLAPSE, CollapsePoint
 from kis_megatron.law.table import LawInputError
 
 
-def _design(n, d, use_tokens: bool) -> np.ndarray:
+def design_matrix(n, d, use_tokens: bool) -> np.ndarray:
     """Rows [1, log10 N (, log10 D)]."""
     n = np.atleast_1d(np.asarray(n, dtype=float))
     cols = [np.ones_like(n), np.log10(n)]
@@ -43,6 +44,7 @@ class LawFit:
     points: list[CollapsePoint]
     rms_log10_residual: float
     dropped_replicates: int
+    method: str = "two-stage"
 
     @property
     def coefficient(self) -> float:
@@ -77,7 +79,7 @@ class LawFit:
                 "the law depends on the token budget D: give the target as N,D "
                 "(for example --predict 1e9,2e10)"
             )
-        x = _design(n, d, self.use_tokens)
+        x = design_matrix(n, d, self.use_tokens)
         pred = x @ self.coef
         samples = self.boot_coef @ x.T  # (R, len(n))
         alpha = (1.0 - self.confidence) / 2
@@ -110,7 +112,7 @@ def fit_law(points: list[CollapsePoint], confidence: float = 0.95) -> LawFit:
     n = np.array([p.model_params for p in used])
     d = np.array([p.tokens for p in used])
     use_tokens = np.unique(d).size > 1
-    x = _design(n, d, use_tokens)
+    x = design_matrix(n, d, use_tokens)
     if np.linalg.matrix_rank(x) < x.shape[1]:
         raise LawInputError(
             "the located collapse points change model size and token budget together, so "
@@ -133,11 +135,42 @@ def fit_law(points: list[CollapsePoint], confidence: float = 0.95) -> LawFit:
     )
 
 
-def leave_largest_out(full: LawFit) -> dict:
-    """Refit ``full`` without its largest model size and predict that size's collapse
-    point(s): relative error (predicted - measured) / measured, whether the measured point
-    lies in the predicted interval, and whether the two intervals overlap.  Returns a dict
-    with ``possible`` False and a ``reason`` when too few sizes remain."""
+def check_prediction(law: LawFit, point: CollapsePoint) -> dict:
+    """The law's prediction for ``point``'s size and budget against its measured collapse
+    point: relative error (predicted - measured) / measured, whether the measured point
+    lies in the predicted interval, and whether the two intervals overlap.  A point that
+    is only a bound is compared as a bound (``measured`` is None, ``inside`` False)."""
+    pred, lo, hi = (float(v[0]) for v in law.predict(point.model_params, point.tokens))
+    out = {
+        "model_params": point.model_params,
+        "tokens": point.tokens,
+        "predicted": pred,
+        "interval": [lo, hi],
+        "status": point.status,
+    }
+    if point.status != COLLAPSE:
+        bound = point.lower_bound if point.lower_bound is not None else point.upper_bound
+        side = "above" if point.lower_bound is not None else "below"
+        return out | {
+            "measured": None, "measured_ci": None, "rel_error": None, "inside": False,
+            "intervals_overlap": None, "measured_bound": bound,
+            "note": f"the measured curve gives only a bound: collapse {side} {bound:.4g} ({point.note})",
+        }
+    m = point.collapse_infusion
+    return out | {
+        "measured": m,
+        "measured_ci": list(point.ci),
+        "rel_error": (pred - m) / m,
+        "inside": bool(lo <= m <= hi),
+        "intervals_overlap": bool(lo <= point.ci[1] and point.ci[0] <= hi),
+    }
+
+
+def leave_largest_out(full: LawFit, refit: Callable[[list[CollapsePoint]], LawFit]) -> dict:
+    """Refit the law without its largest model size (``refit`` fits the given points with
+    the same method as ``full``) and check its prediction for that size's collapse
+    point(s) (:func:`check_prediction`).  Returns a dict with ``possible`` False and a
+    ``reason`` when too few sizes remain."""
     used = full.points
     largest = max(p.model_params for p in used)
     rest = [p for p in used if p.model_params != largest]
@@ -147,7 +180,7 @@ def leave_largest_out(full: LawFit) -> dict:
             "reason": "needs located collapse points at 3 or more model sizes",
         }
     try:
-        law = fit_law(rest, full.confidence)
+        law = refit(rest)
     except LawInputError as e:
         return {"possible": False, "reason": str(e)}
     if law.use_tokens != full.use_tokens:
@@ -155,24 +188,11 @@ def leave_largest_out(full: LawFit) -> dict:
             "possible": False,
             "reason": "without the largest size, the remaining points span one token budget",
         }
-    checks = []
-    for p in (q for q in used if q.model_params == largest):
-        pred, lo, hi = (float(v[0]) for v in law.predict(p.model_params, p.tokens))
-        checks.append({
-            "model_params": p.model_params,
-            "tokens": p.tokens,
-            "measured": p.collapse_infusion,
-            "measured_ci": list(p.ci),
-            "predicted": pred,
-            "predicted_interval": [lo, hi],
-            "relative_error": (pred - p.collapse_infusion) / p.collapse_infusion,
-            "measured_in_interval": bool(lo <= p.collapse_infusion <= hi),
-            "intervals_overlap": bool(lo <= p.ci[1] and p.ci[0] <= hi),
-        })
     return {
         "possible": True,
         "held_out_model_params": largest,
         "fitted_on_sizes": sorted({p.model_params for p in rest}),
         "exponent_without_largest": law.exponent,
-        "points": checks,
+        "exponent_ci_without_largest": list(law.coef_ci(1)),
+        "points": [check_prediction(law, p) for p in used if p.model_params == largest],
     }

@@ -19,6 +19,13 @@ def _colors(values):
     return {v: cmap(0.85 * i / max(len(vals) - 1, 1)) for i, v in enumerate(vals)}
 
 
+def _bar(value: float, lo: float, hi: float) -> list[list[float]]:
+    """Error-bar lengths [[below], [above]] of an interval around ``value``; a value outside
+    its own percentile interval (possible with a percentile bootstrap) gets a zero-length
+    side rather than a negative one (the report flags such points)."""
+    return [[max(value - lo, 0.0)], [max(hi - value, 0.0)]]
+
+
 def _save(fig: Figure, path: str) -> None:
     FigureCanvasAgg(fig)
     fig.savefig(path, dpi=120)
@@ -48,7 +55,7 @@ def plot_curves(a: Analysis, path: str) -> None:
             if p.status == COLLAPSE:
                 lo, hi = p.ci
                 x = p.collapse_infusion
-                ax.errorbar([x], [y_mark], xerr=[[x - lo], [hi - x]], fmt="D", color=col,
+                ax.errorbar([x], [y_mark], xerr=_bar(x, lo, hi), fmt="D", color=col,
                             mec="k", ms=7, capsize=3)
             elif p.lower_bound is not None:
                 ax.plot([p.lower_bound], [y_mark], ">", color=col, mec="k", ms=9)
@@ -76,7 +83,8 @@ def plot_law(a: Analysis, path: str) -> None:
     fig = Figure(figsize=(6.4, 4.8), layout="constrained")
     ax = fig.subplots()
     sizes = [p.model_params for p in a.points]
-    n_hi = max(sizes + ([a.prediction["model_params"]] if a.prediction else []))
+    n_hi = max(sizes + ([a.prediction["model_params"]] if a.prediction else [])
+               + ([a.validation["model_params"]] if a.validation else []))
     grid = np.geomspace(min(sizes) / 1.5, n_hi * 1.5, 100)
     budgets = sorted({p.tokens for p in law.points}) if law.use_tokens else [None]
     if law.use_tokens and a.prediction and a.prediction["tokens"] not in budgets:
@@ -92,7 +100,7 @@ def plot_law(a: Analysis, path: str) -> None:
         col = color[p.tokens] if law.use_tokens and p.tokens in color else "k"
         if p.status == COLLAPSE:
             x, y = p.model_params, p.collapse_infusion
-            ax.errorbar([x], [y], yerr=[[y - p.ci[0]], [p.ci[1] - y]], fmt="o", color=col,
+            ax.errorbar([x], [y], yerr=_bar(y, *p.ci), fmt="o", color=col,
                         capsize=3, label=None if labelled else "collapse points")
             labelled = True
         elif p.lower_bound is not None:
@@ -102,19 +110,60 @@ def plot_law(a: Analysis, path: str) -> None:
     if a.heldout.get("possible"):
         for i, h in enumerate(a.heldout["points"]):
             x = h["model_params"] * 1.06  # nudged right so it does not hide the data point
-            y, (lo, hi) = h["predicted"], h["predicted_interval"]
-            ax.errorbar([x], [y], yerr=[[y - lo], [hi - y]], fmt="s", color="C3", mfc="none",
+            y, (lo, hi) = h["predicted"], h["interval"]
+            ax.errorbar([x], [y], yerr=_bar(y, lo, hi), fmt="s", color="C3", mfc="none",
                         capsize=3, label="held-out prediction" if i == 0 else None)
     if a.prediction:
         pr = a.prediction
         y, (lo, hi) = pr["collapse_infusion"], pr["interval"]
-        ax.errorbar([pr["model_params"]], [y], yerr=[[y - lo], [hi - y]], fmt="*", ms=12,
+        ax.errorbar([pr["model_params"]], [y], yerr=_bar(y, lo, hi), fmt="*", ms=12,
                     color="C1", capsize=3, label="prediction")
+    v = a.validation
+    if v:
+        x = v["model_params"]
+        ax.errorbar([x * 1.06], [v["predicted"]], yerr=_bar(v["predicted"], *v["interval"]), fmt="s",
+                    color="C3", capsize=3, label="validation: predicted")
+        if v["measured"] is not None:
+            ax.errorbar([x], [v["measured"]], yerr=_bar(v["measured"], *v["measured_ci"]), fmt="o",
+                        color="C2", mec="k", capsize=3, label="validation: measured")
+        elif v.get("measured_bound") is not None:
+            ax.plot([x], [v["measured_bound"]], "^" if v["status"] != "collapsed_at_start_upper_bound" else "v",
+                    color="C2", mec="k", ms=9, label="validation: bound")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("model parameters N")
     ax.set_ylabel(f"collapse infusion ({a.infusion_kind})")
     ax.set_title(f"b = {law.exponent:.3g}  [{law.coef_ci(1)[0]:.3g}, {law.coef_ci(1)[1]:.3g}]",
                  fontsize=10)
+    ax.legend(fontsize=7)
+    _save(fig, path)
+
+
+def plot_validation(a: Analysis, path: str) -> None:
+    """The validation model's measured retention curve (points, fitted step, located
+    collapse point with its CI) against the law's prediction for it (line and band)."""
+    v, c, p = a.validation, a.validation_curve, a.validation_point
+    fig = Figure(figsize=(6.4, 4.4), layout="constrained")
+    ax = fig.subplots()
+    lo, hi = v["interval"]
+    ax.axvspan(lo, hi, color="C3", alpha=0.15, lw=0, label=f"predicted interval [{lo:.3g}, {hi:.3g}]")
+    ax.axvline(v["predicted"], color="C3", ls="--", lw=1.5, label=f"predicted {v['predicted']:.3g}")
+    ax.plot(c.infusion, c.value, "o", color="C0", ms=5, label=f"measured, N={c.model_params:.3g}")
+    if p.fit is not None:
+        grid = np.geomspace(*p.fit_range, 200)
+        ax.plot(grid, p.fit(grid), "-", color="C0", lw=1.5)
+    if p.status == COLLAPSE:
+        ax.errorbar([p.collapse_infusion], [p.threshold], xerr=_bar(p.collapse_infusion, *p.ci),
+                    fmt="D", color="C2", mec="k", ms=7, capsize=3,
+                    label=f"measured collapse {p.collapse_infusion:.3g}")
+    if a.options.chance is not None:
+        ax.axhline(a.options.chance, color="gray", ls=":", lw=1, label="chance")
+    ax.set_xscale("log")
+    ax.set_xlabel(f"infusion ({a.infusion_kind})")
+    ax.set_ylabel(a.options.metric)
+    verdict = ("not located" if v["measured"] is None else
+               f"error {100 * v['rel_error']:+.0f}%, {'inside' if v['inside'] else 'outside'} the interval")
+    ax.set_title(f"validation at N={c.model_params:.3g} ({v['extrapolation']:.2g}x the largest fitted): {verdict}",
+                 fontsize=9)
     ax.legend(fontsize=7)
     _save(fig, path)

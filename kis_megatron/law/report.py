@@ -1,9 +1,11 @@
-"""law.json, report.md and the plots of an analysis, written as one output directory that
-appears complete or not at all: everything goes to a temporary sibling directory that is
-renamed into place."""
+"""law.json, report.md and the plots of an analysis.  Every file is written under a
+temporary name and renamed into place, law.json last (it lists the others, so a reader that
+finds law.json finds its files); files of an earlier fit_law output that this one does not
+write again are removed, and nothing else in the directory is touched."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -13,10 +15,12 @@ import tempfile
 from kis_megatron.law import collapse as collapse_mod
 from kis_megatron.law.analysis import Analysis
 from kis_megatron.law.collapse import COLLAPSE
-from kis_megatron.law.plots import plot_curves, plot_law
+from kis_megatron.law.plots import plot_curves, plot_law, plot_validation
 from kis_megatron.law.table import LawInputError, write_table
+from kis_megatron.utils import atomic_write_bytes
 
 PLOTS = ("retention_curves.png", "law.png")
+VALIDATION_PLOT = "validation.png"
 
 
 def _clean(obj):
@@ -46,6 +50,7 @@ def law_json(a: Analysis) -> dict:
         "collapse_points": [p.to_json() | {"used_in_fit": p.status == COLLAPSE} for p in a.points],
         "prediction": a.prediction,
         "heldout": a.heldout,
+        "validation": a.validation,
         "metric": o.metric,
         "infusion_kind": a.infusion_kind,
         "n_points": len(law.points),
@@ -53,9 +58,10 @@ def law_json(a: Analysis) -> dict:
         "token_budgets": sorted({p.tokens for p in law.points}),
         "rms_log10_residual": law.rms_log10_residual,
         "method": {
+            "fit": law.method,
             "collapse": "smooth step in log10(infusion) after the plateau start; collapse where "
             "retention above the floor falls to `fraction` of the plateau; residual bootstrap",
-            "law": "least squares in log10 space; pipeline bootstrap over curve replicates",
+            "law": LAW_METHOD[law.method],
             "fraction": o.fraction,
             "chance": o.chance,
             "min_drop": o.min_drop,
@@ -65,8 +71,21 @@ def law_json(a: Analysis) -> dict:
             "confidence": o.confidence,
         },
         "sources": a.sources,
-        "plots": list(PLOTS),
+        "plots": plots_of(a),
     })
+
+
+LAW_METHOD = {
+    "joint": "all located curves fitted at once, each curve's collapse point on the law, each "
+    "curve's plateau and width its own; bootstrap over measurements (runs resampled within "
+    "levels when repeated, else wild), the whole fit repeated per replicate",
+    "two-stage": "least squares in log10 space through the per-curve collapse points; "
+    "pipeline bootstrap over curve replicates",
+}
+
+
+def plots_of(a: Analysis) -> list[str]:
+    return list(PLOTS) + ([VALIDATION_PLOT] if a.validation else [])
 
 
 def _g(v) -> str:
@@ -99,23 +118,31 @@ def report_markdown(a: Analysis) -> str:
         f"min_drop {o.min_drop:g}, {o.n_boot} bootstrap replicates (seed {o.seed}), "
         f"{pct} percentile intervals.",
         "",
-        f"The law {law.form()} is fitted by least squares in log10 space to the located "
-        "collapse points; its intervals come from refitting it on every bootstrap replicate "
-        "of all collapse points together.",
+        _law_method_text(law),
         "",
         "## Collapse points",
         "",
         "| N | D | status | collapse infusion | CI | bound | plateau | floor | threshold |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
+    outside = []
     for p in a.points:
         bound = p.lower_bound if p.lower_bound is not None else p.upper_bound
         f = p.fit
+        flag = ""
+        if p.status == COLLAPSE and not p.ci[0] <= p.collapse_infusion <= p.ci[1]:
+            flag = " (outside its CI)"
+            outside.append(p)
         lines.append(
-            f"| {p.model_params:.4g} | {p.tokens:.4g} | {p.status} | {_g(p.collapse_infusion)} | "
+            f"| {p.model_params:.4g} | {p.tokens:.4g} | {p.status} | {_g(p.collapse_infusion)}{flag} | "
             f"{_ci(p.ci)} | {_g(bound)} | {_g(f and f.plateau)} | {_g(f and f.floor)} | "
             f"{_g(p.threshold)} |"
         )
+    if outside:
+        lines += ["", f"{len(outside)} collapse point(s) lie outside their own percentile interval: "
+                  "the bootstrap replicates fall mostly on one side of the fit (a skewed or "
+                  "bimodal fall, often too few levels on the slope). Treat those intervals with "
+                  "care; more levels on the fall (`tools/sweep.py --refine`) usually mend it."]
     if bounds:
         lines += ["", "Excluded from the fit (bounds, not located collapse points):", ""]
         lines += [f"- N={p.model_params:.4g}, D={p.tokens:.4g}: {p.status}: {p.note}" for p in bounds]
@@ -136,15 +163,9 @@ def report_markdown(a: Analysis) -> str:
     else:
         lines.append(f"Law refitted without N={h['held_out_model_params']:.4g} "
                      f"(exponent then {h['exponent_without_largest']:.4g}):")
-        lines.append("")
-        lines.append("| D | measured | measured CI | predicted | predicted interval | rel. error | in interval |")
-        lines.append("|---|---|---|---|---|---|---|")
-        for c in h["points"]:
-            lines.append(
-                f"| {c['tokens']:.4g} | {c['measured']:.4g} | {_ci(c['measured_ci'])} | "
-                f"{c['predicted']:.4g} | {_ci(c['predicted_interval'])} | "
-                f"{100 * c['relative_error']:+.1f}% | {'yes' if c['measured_in_interval'] else 'no'} |"
-            )
+        lines += _comparison_table(h["points"])
+    lines += ["", "## Validation on a larger model", ""]
+    lines += _validation_text(a)
     lines += ["", "## Prediction", ""]
     if a.prediction:
         pr = a.prediction
@@ -169,8 +190,56 @@ def report_markdown(a: Analysis) -> str:
     ]
     if bounds:
         lines.append(f"- {len(bounds)} curve(s) gave only a bound and were left out of the fit.")
-    lines += ["", "## Plots", "", *[f"![{p}]({p})" for p in PLOTS], ""]
+    lines += ["", "## Plots", "", *[f"![{p}]({p})" for p in plots_of(a)], ""]
     return "\n".join(lines)
+
+
+def _law_method_text(law) -> str:
+    if law.method == "joint":
+        return (f"The law {law.form()} is fitted jointly: all located curves at once, each "
+                "curve's collapse point on the law and its plateau and width its own "
+                "(`kis_megatron/law/joint.py`); intervals from refitting the whole problem on "
+                "bootstrap replicates of the measurements.")
+    return (f"The law {law.form()} is fitted by least squares in log10 space to the located "
+            "collapse points (two-stage fit); its intervals come from refitting it on every "
+            "bootstrap replicate of all collapse points together.")
+
+
+def _comparison_table(checks: list[dict]) -> list[str]:
+    lines = ["", "| N | D | measured | measured CI | predicted | predicted interval | rel. error | in interval |",
+             "|---|---|---|---|---|---|---|---|"]
+    for c in checks:
+        if c["measured"] is None:
+            measured, err = f"bound {_g(c.get('measured_bound'))}", "-"
+        else:
+            measured, err = f"{c['measured']:.4g}", f"{100 * c['rel_error']:+.1f}%"
+        lines.append(
+            f"| {c['model_params']:.4g} | {c['tokens']:.4g} | {measured} | {_ci(c['measured_ci'])} | "
+            f"{c['predicted']:.4g} | {_ci(c['interval'])} | {err} | {'yes' if c['inside'] else 'no'} |"
+        )
+    return lines
+
+
+def _validation_text(a: Analysis) -> list[str]:
+    v = a.validation
+    if not v:
+        return ["None: no validation runs were given (`fit_law.py --validation-runs DIR`; the "
+                "runs come from `tools/sweep.py SWEEP --validate law.json`)."]
+    pct = f"{100 * a.options.confidence:g}%"
+    lines = [f"The law fitted on the ladder above (the validation runs are not part of the fit) "
+             f"predicts the collapse point of a model {v['extrapolation']:.3g}x larger than its "
+             f"largest size; {v['runs']} runs of that model at {len(v['levels'])} levels "
+             f"({', '.join(f'{x:.4g}' for x in v['levels'])}) measure it with the same detector."]
+    lines += _comparison_table([v])
+    lines.append("")
+    if v["measured"] is None:
+        lines.append(f"**Not measured**: {v['note']}.")
+    else:
+        verdict = "inside" if v["inside"] else "outside"
+        lines.append(f"Measured {v['measured']:.4g} against predicted {v['predicted']:.4g}: "
+                     f"{100 * v['rel_error']:+.1f}% relative error, {verdict} the {pct} "
+                     "prediction interval.")
+    return lines
 
 
 def check_out_dir(out: str) -> None:
@@ -186,30 +255,39 @@ def check_out_dir(out: str) -> None:
 
 def write_outputs(a: Analysis, out: str, table_rows: list[dict] | None = None) -> None:
     """Write law.json, report.md, the plots (and table.csv of the measurements when given)
-    into ``out``, replacing an earlier fit_law output there, atomically as a whole."""
+    into ``out`` (module docstring): each file atomically, law.json last; outputs of an
+    earlier fit_law run there that this one does not write are removed, nothing else."""
     check_out_dir(out)
-    out = os.path.abspath(out)
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix="." + os.path.basename(out) + ".tmp-")
+    os.makedirs(out, exist_ok=True)
+    stage = tempfile.mkdtemp(prefix="fit_law-")
     try:
-        with open(os.path.join(tmp, "law.json"), "w") as f:
-            json.dump(law_json(a), f, indent=2)
-            f.write("\n")
-        with open(os.path.join(tmp, "report.md"), "w") as f:
-            f.write(report_markdown(a))
-        plot_curves(a, os.path.join(tmp, PLOTS[0]))
-        plot_law(a, os.path.join(tmp, PLOTS[1]))
+        files = {"report.md": report_markdown(a).encode()}
+        for name, plot in zip(plots_of(a), (plot_curves, plot_law, plot_validation)):
+            path = os.path.join(stage, name)
+            plot(a, path)
+            files[name] = open(path, "rb").read()
         if table_rows is not None:
-            write_table(table_rows, os.path.join(tmp, "table.csv"))
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private
-        if os.path.exists(out):
-            old = tmp + ".old"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            write_table(table_rows, os.path.join(stage, "table.csv"))
+            files["table.csv"] = open(os.path.join(stage, "table.csv"), "rb").read()
+        doc = law_json(a)
+        doc["outputs"] = sorted(files) + ["law.json"]
+        files["law.json"] = (json.dumps(doc, indent=2) + "\n").encode()
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    earlier = _earlier_outputs(out)
+    for name in [n for n in files if n != "law.json"] + ["law.json"]:
+        atomic_write_bytes(os.path.join(out, name), files[name])
+    for name in sorted(earlier - set(files)):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(out, name))
+
+
+def _earlier_outputs(out: str) -> set[str]:
+    """The files an earlier fit_law run wrote into ``out`` (from its law.json)."""
+    try:
+        with open(os.path.join(out, "law.json")) as f:
+            doc = json.load(f)
+    except (OSError, ValueError):
+        return set()
+    names = doc.get("outputs") or (["report.md", "table.csv"] + list(doc.get("plots") or []))
+    return {n for n in names if isinstance(n, str) and os.path.basename(n) == n}

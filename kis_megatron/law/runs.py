@@ -6,6 +6,14 @@ infusion {kind, value}, status), ``metrics.jsonl`` (training and evaluation line
 logs are read, never the trainer, so runs of other frameworks that write the same files
 work too.  TensorBoard events are the fallback when metrics.jsonl is missing.
 
+What is left out, with a note naming the run (the CLIs print notes as warnings): a run that
+failed (run.json status ``failed``, e.g. diverged: its values are not measurements) or whose
+training loss went non-finite on a step that was not skipped; in the default final-only mode,
+a run not ``finished``, and a finished run whose final evaluation (the one at
+``total_steps``) is missing, e.g. because the last line of metrics.jsonl was cut: it is never
+given an earlier evaluation's value.  A cut last line is reported with its file and line; an
+invalid line elsewhere is an error naming them.
+
 Each evaluation gives one row per metric.  ``tokens`` is the planned token count at the
 evaluation step, tokens_per_step * step (at the final evaluation: the run's budget); the
 cumulative ``tokens_total`` is used only when run.json lacks tokens_per_step, because it
@@ -98,24 +106,31 @@ def find_run_dirs(args: list[str], use_glob: bool = False) -> list[str]:
     return runs
 
 
-def _read_jsonl(path: str) -> list[dict]:
-    with open(path) as f:
-        text = f.read()
+def _read_jsonl(path: str) -> tuple[list[dict], str | None]:
+    """The records of a JSONL log, and a note when its last line is cut (a killed writer
+    leaves a last line without its newline that is not valid JSON)."""
+    try:
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise LawInputError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     lines = text.split("\n")
-    records = []
+    records, cut = [], None
     for i, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
-            if i == len(lines):  # a last line cut off by a killed writer: ignore it
+            if i == len(lines):  # no newline after it: cut off by a killed writer
+                cut = f"{path} line {i} is cut (not valid JSON)"
                 continue
             raise LawInputError(f"{path} line {i} is not valid JSON; fix or remove it") from None
-        if not isinstance(rec, dict) or not isinstance(rec.get("step"), (int, float)):
+        if not isinstance(rec, dict) or not isinstance(rec.get("step"), (int, float)) \
+                or isinstance(rec.get("step"), bool):
             raise LawInputError(f"{path} line {i} is not a JSON object with a numeric 'step'")
         records.append(rec)
-    return records
+    return records, cut
 
 
 def _read_tensorboard(tb_dir: str) -> list[dict]:
@@ -140,12 +155,14 @@ def _read_tensorboard(tb_dir: str) -> list[dict]:
     return [{"step": s, **{t: v for t, (_, v) in tags.items()}} for s, tags in sorted(events.items())]
 
 
-def read_records(run_dir: str) -> tuple[dict[int, dict], dict[int, dict], str]:
+def read_records(run_dir: str) -> tuple[dict[int, dict], dict[int, dict], str, str | None]:
     """Training and evaluation records of a run keyed by step (a step logged twice, as
-    after a resume, keeps its last record), and the source they came from."""
+    after a resume, keeps its last record), the source they came from, and a note when the
+    last line of metrics.jsonl is cut."""
     path = os.path.join(run_dir, "metrics.jsonl")
+    cut = None
     if os.path.isfile(path):
-        records, source = _read_jsonl(path), "metrics.jsonl"
+        (records, cut), source = _read_jsonl(path), "metrics.jsonl"
     elif os.path.isdir(os.path.join(run_dir, "tb")):
         records, source = _read_tensorboard(os.path.join(run_dir, "tb")), "tensorboard"
     else:
@@ -157,7 +174,21 @@ def read_records(run_dir: str) -> tuple[dict[int, dict], dict[int, dict], str]:
             evals[step] = rec
         if "loss" in rec or "tokens_total" in rec:
             train[step] = rec
-    return train, evals, source
+    return train, evals, source, cut
+
+
+def _diverged_at(train: dict[int, dict]) -> int | None:
+    """The first step whose training loss is not finite (NaN is logged as null), unless the
+    trainer skipped that step's update (train.skip_nonfinite_steps)."""
+    for step in sorted(train):
+        rec = train[step]
+        if "loss" in rec and not rec.get("skipped") and not _finite(rec["loss"]):
+            return step
+    return None
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _load_run_json(run_dir: str) -> dict:
@@ -190,12 +221,27 @@ def read_run(run_dir: str, all_evals: bool = False) -> tuple[list[dict], str | N
     """Table rows of one run: its final evaluation (default; finished runs only) or every
     evaluation.  Returns (rows, note) where note says why a run gave no rows."""
     info = _load_run_json(run_dir)
+    if info.get("status") == "failed":
+        return [], f"{run_dir}: left out, the run failed: {info.get('error') or 'no reason recorded'}"
     if not all_evals and info.get("status") != "finished":
         return [], f"{run_dir}: skipped, status is {info.get('status')!r}, not 'finished'"
-    train, evals, source = read_records(run_dir)
+    train, evals, source, cut = read_records(run_dir)
+    diverged = _diverged_at(train)
+    if diverged is not None:
+        return [], (f"{run_dir}: left out, its training loss is not finite at step {diverged} "
+                    f"(the run diverged; {source})")
     if not evals:
-        return [], f"{run_dir}: skipped, no evaluation lines in {source}"
-    steps = sorted(evals) if all_evals else [max(evals)]
+        return [], f"{run_dir}: skipped, no evaluation lines in {source}" + (f"; {cut}" if cut else "")
+    if all_evals:
+        steps = sorted(evals)
+    else:
+        final = info.get("total_steps")
+        if final is None and cut:  # no way to tell what the cut line held
+            return [], f"{run_dir}: left out, {cut} and run.json has no total_steps"
+        if final is not None and final not in evals:
+            return [], (f"{run_dir}: left out, its final evaluation (step {final}) is missing from "
+                        f"{source} (the last one is at step {max(evals)})" + (f"; {cut}" if cut else ""))
+        steps = [max(evals) if final is None else final]
     inf = info["infusion"]
     seed = _seed(run_dir)
     train_steps = sorted(train)
@@ -229,7 +275,7 @@ def read_run(run_dir: str, all_evals: bool = False) -> tuple[list[dict], str | N
                 "infusion_kind": inf.get("kind") or "unspecified",
                 "seed": seed,
             })
-    return rows, None
+    return rows, cut and f"{run_dir}: {cut}; the evaluations before it are kept"
 
 
 def extract_runs(run_dirs: list[str], all_evals: bool = False) -> tuple[list[dict], list[str]]:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kis_megatron.errors import KisError
 from kis_megatron.utils import atomic_write_bytes, atomic_write_text
 
 REQUIRED_COLUMNS = ("model_params", "tokens", "infusion", "metric", "value")
@@ -29,7 +30,7 @@ COLUMNS = REQUIRED_COLUMNS + ("run_id", "step", "exposures", "infusion_kind", "s
 _NUMERIC = {"model_params", "tokens", "infusion", "value", "step", "exposures", "seed"}
 
 
-class LawInputError(ValueError):
+class LawInputError(KisError, ValueError):
     """Input a user can fix (bad table, bad run directory, bad option); the CLIs print it
     as ``error: ...`` and exit 2."""
 
@@ -118,12 +119,21 @@ def read_table(path: str) -> list[dict]:
             for r in raw
         ]
     else:
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
+        raw_bytes = open(path, "rb").read()
+        try:
+            text = raw_bytes.decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            line = raw_bytes[:e.start].count(b"\n") + 1
+            raise LawInputError(f"{path} line {line}: not UTF-8 text (byte {raw_bytes[e.start]:#04x}); "
+                                "save the table as UTF-8 CSV") from None
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        rows = []
+        try:
             columns = list(reader.fieldnames or [])
-            rows = []
             for i, r in enumerate(reader, start=2):
                 rows.append({c: _parse(c, r.get(c), f"{path} line {i}") for c in columns})
+        except csv.Error as e:
+            raise LawInputError(f"{path} line {reader.line_num}: not a valid CSV table ({e})") from None
     missing = [c for c in REQUIRED_COLUMNS if c not in columns]
     if missing:
         raise LawInputError(
@@ -144,13 +154,13 @@ def _row_ids(idx) -> str:
 
 
 def select_curves(
-    rows: list[dict], metric: str, infusion_kind: str | None = None
+    rows: list[dict], metric: str, infusion_kind: str | None = None, min_sizes: int = 2
 ) -> tuple[list[Curve], str]:
     """Pick the rows of ``metric`` (and of ``infusion_kind`` when given), validate them and
     group them into one :class:`Curve` per (model_params, tokens), sorted by size then
     budget.  Returns the curves and the infusion kind.  Raises LawInputError naming what
     to fix: unknown metric, mixed infusion kinds, NaN or non-positive values, fewer than
-    two model sizes, or a curve with fewer than four infusion levels."""
+    ``min_sizes`` model sizes, or a curve with fewer than four infusion levels."""
     if not rows:
         raise LawInputError("the table has no rows")
     metrics = sorted({str(r.get("metric")) for r in rows})
@@ -201,7 +211,7 @@ def select_curves(
     for r in sel:
         groups.setdefault((float(r["model_params"]), float(r["tokens"])), []).append(r)
     sizes = sorted({n for n, _ in groups})
-    if len(sizes) < 2:
+    if len(sizes) < min_sizes:
         raise LawInputError(
             f"the {metric} rows hold one model size only (N={sizes[0]:g}); a law in N needs "
             "at least two sizes (three for the held-out check)"

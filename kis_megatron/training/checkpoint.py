@@ -13,7 +13,12 @@ A save writes into ``.tmp-step_...``, renames it to ``step_...`` once everything
 COMPLETE) is on disk, and only then replaces ``latest`` (itself written to a temporary name
 and renamed). A kill before the rename leaves a ``.tmp-`` directory that is ignored and
 cleaned up; a kill after it leaves a complete checkpoint. Old checkpoints are deleted only
-after ``latest`` points past them.
+after ``latest`` points past them. A save of weights that are not all finite is refused.
+
+Resuming (``resumable``) skips, with the reason, a complete checkpoint whose files were
+damaged afterwards (a missing or unreadable ``.metadata``, a shard shorter than its metadata
+says, an ``extra_rank*.pt`` that is not a whole archive) and takes the newest whole one;
+``check_fits`` refuses a checkpoint whose tensors are not exactly the model's.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import random
 import re
 import shutil
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -39,6 +45,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from kis_megatron.errors import KisError
+from kis_megatron.parallel.dims import any_rank, from_rank0
 from kis_megatron.parallel.tensor_parallel import full_of, shard_of
 from kis_megatron.training.optim import local_optimizer
 from kis_megatron.utils import atomic_write_text
@@ -46,7 +54,7 @@ from kis_megatron.utils import atomic_write_text
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(KisError, RuntimeError):
     """A checkpoint that cannot be used; the message names the path."""
 
 
@@ -149,6 +157,32 @@ class CheckpointManager:
         found = self.complete_checkpoints()
         return found[-1] if found else None
 
+    def resumable(self) -> tuple[Optional[Path], list[tuple[Path, str]]]:
+        """The newest whole checkpoint (the one ``latest`` names first, then newest first),
+        and the damaged ones passed over with the reason. ``(None, [])`` when there is no
+        complete checkpoint at all; a CheckpointError when every one is damaged. Decided on
+        rank 0, so that every rank resumes from the same checkpoint."""
+        return from_rank0(self._resumable() if _rank() == 0 else None)
+
+    def _resumable(self):
+        found = self.complete_checkpoints()[::-1]
+        named = self.latest()
+        if named in found:
+            found.remove(named)
+            found.insert(0, named)
+        skipped = []
+        for path in found:
+            reason = damage(path)
+            if reason is None:
+                return path, skipped
+            skipped.append((path, reason))
+        if skipped:
+            raise CheckpointError(
+                f"every checkpoint in {self.dir} is damaged: "
+                + "; ".join(f"{p.name}: {r}" for p, r in skipped)
+                + f". Restore them, or remove {self.dir} to start the run afresh")
+        return None, []
+
     # ------------------------------------------------------------------ save
 
     def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -156,6 +190,11 @@ class CheckpointManager:
         """Save atomically; ``extra`` holds small picklable state (scheduler, data position)."""
         name = f"step_{step:08d}"
         final, tmp = self.dir / name, self.dir / f".tmp-{name}"
+        bad = _first_nonfinite(model)
+        device = next(model.parameters()).device
+        if any_rank(bad is not None, device):  # every rank refuses together
+            raise CheckpointError(f"refusing to save step {step} to {final}: "
+                                  f"{bad or 'a parameter of another rank'} is not finite")
         rank = _rank()
         if rank == 0:
             self.dir.mkdir(parents=True, exist_ok=True)
@@ -180,14 +219,17 @@ class CheckpointManager:
                 shutil.rmtree(final)
             os.replace(tmp, final)
             atomic_write_text(self.dir / "latest", name + "\n")
-            self._prune()
+            self._prune(name)
         _barrier()
         return final
 
-    def _prune(self) -> None:
+    def _prune(self, saved: str) -> None:
         for stale in self.dir.glob(".tmp-step_*"):
             shutil.rmtree(stale, ignore_errors=True)
-        for old in self.complete_checkpoints()[: -self.keep]:
+        # Only those up to the one just saved: checkpoints past it (a damaged one passed over
+        # on resume) must not count towards `keep`, or the new save itself would go.
+        done = [p for p in self.complete_checkpoints() if p.name <= saved]
+        for old in done[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
 
     # ------------------------------------------------------------------ load
@@ -224,7 +266,99 @@ class CheckpointManager:
         extra_file = path / f"extra_rank{_rank()}.pt"
         if not extra_file.is_file():
             extra_file = path / "extra_rank0.pt"  # a run resumed on a different layout
-        return torch.load(extra_file, weights_only=False)
+        try:
+            return torch.load(extra_file, weights_only=False)
+        except Exception as e:  # a damaged file: torch raises several kinds
+            raise CheckpointError(f"{extra_file} is damaged ({type(e).__name__}: {e})") from None
+
+
+def model_shapes(model_cfg) -> dict[str, tuple[int, ...]]:
+    """Name -> full shape of every tensor a checkpoint of this model holds (the
+    single-process names and shapes whatever the layout), from a meta-device model."""
+    from kis_megatron.model.llama import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(model_cfg)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _metadata(path: Path):
+    try:
+        return dcp.FileSystemReader(str(path)).read_metadata()
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing .metadata") from None
+    except Exception as e:  # unpickling a cut file raises several kinds
+        raise CheckpointError(f"{path}: .metadata is unreadable ({type(e).__name__}: {e})") from None
+
+
+def damage(path: str | Path) -> Optional[str]:
+    """Why a complete checkpoint cannot be loaded, or None. Reads the metadata and the
+    archives' directories only: every file the metadata points into must hold the bytes it
+    promises, and each ``extra_rank*.pt`` must be a whole archive (a cut one is not)."""
+    path = Path(path)
+    if not (path / "COMPLETE").is_file():
+        return "no COMPLETE marker"
+    try:
+        meta = _metadata(path)
+    except CheckpointError as e:
+        return str(e).removeprefix(f"{path}: ")
+    need: dict[str, int] = {}
+    for info in meta.storage_data.values():
+        need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
+    for name, end in sorted(need.items()):
+        f = path / name
+        if not f.is_file():
+            return f"missing {name}"
+        if f.stat().st_size < end:
+            return f"{name} is truncated ({f.stat().st_size} bytes; its metadata needs {end})"
+    extras = sorted(path.glob("extra_rank*.pt"))
+    if not extras:
+        return "missing extra_rank0.pt"
+    for f in extras:
+        try:
+            zipfile.ZipFile(f).close()  # torch.save writes a zip; a cut one has no directory
+        except (zipfile.BadZipFile, OSError) as e:
+            return f"{f.name} is cut or damaged ({e})"
+    return None
+
+
+def check_fits(path: str | Path, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Refuse, naming the first offending tensor and both shapes, a checkpoint whose model
+    tensors are not exactly ``shapes`` (see model_shapes): one missing, extra or of another
+    shape. Reads only the checkpoint's metadata."""
+    path = Path(path)
+    meta = _metadata(path)
+    saved = {k.removeprefix("model."): tuple(v.size) for k, v in meta.state_dict_metadata.items()
+             if k.startswith("model.") and hasattr(v, "size")}
+    hint = "it was saved from another model (compare the model section of its run's config.yaml)"
+    for name, shape in shapes.items():
+        if name not in saved:
+            raise CheckpointError(f"{path} does not fit this model: it lacks model.{name} (shape "
+                                  f"{list(shape)} in the model); {hint}")
+        if saved[name] != shape:
+            raise CheckpointError(f"{path} does not fit this model: model.{name} has shape "
+                                  f"{list(saved[name])} in the checkpoint but {list(shape)} in "
+                                  f"the model; {hint}")
+    for name, shape in saved.items():
+        if name not in shapes:
+            raise CheckpointError(f"{path} does not fit this model: it holds model.{name} (shape "
+                                  f"{list(shape)}), which the model lacks; {hint}")
+
+
+def verify(path: str | Path, model_cfg) -> None:
+    """Refuse, naming the reason, a checkpoint that is damaged or is not of this model."""
+    reason = damage(path)
+    if reason is not None:
+        raise CheckpointError(f"{path} cannot be loaded: {reason}")
+    check_fits(path, model_shapes(model_cfg))
+
+
+def _first_nonfinite(model: torch.nn.Module) -> Optional[str]:
+    """Name of this rank's first parameter holding a NaN or an infinity, else None."""
+    for name, p in model.named_parameters():
+        if not bool(torch.isfinite(p.detach()).all()):
+            return name
+    return None
 
 
 def _read(path: Path, state: dict) -> None:
@@ -232,8 +366,9 @@ def _read(path: Path, state: dict) -> None:
         _dcp_quietly(dcp.load, state, checkpoint_id=str(path))
     except (RuntimeError, CheckpointException) as e:  # DCP wraps each rank's error (a BaseException)
         found = re.findall(r"Missing key in checkpoint state_dict: (\S+)", str(e))
-        if not found:
-            raise
+        if not found:  # bytes damaged in place: sizes and metadata are whole, the data is not
+            last = [line for line in str(e).splitlines() if line.strip()][-1:] or [type(e).__name__]
+            raise CheckpointError(f"{path} cannot be read, it is damaged: {last[0][:300]}") from None
         key = found[-1].rstrip(".")  # the last: the text holds the traceback's source lines too
         raise CheckpointError(
             f"{path} lacks {key}: it was saved from another model, or by a kis-megatron before "

@@ -32,7 +32,10 @@ class MetricsLogger:
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
-        self._truncate_after(start_step)
+        if start_step == 0:
+            self._reset()
+        else:
+            self._truncate_after(start_step)
         self._file = open(self.metrics_path, "a", buffering=1)
         if cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -47,6 +50,14 @@ class MetricsLogger:
             from tqdm import tqdm
 
             self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+
+    def _reset(self) -> None:
+        """A run that starts at step 0 (also again, after a kill before its first
+        checkpoint) starts its logs afresh rather than appending to a partial run's."""
+        if self.metrics_path.exists():
+            atomic_write_text(self.metrics_path, "")
+        for events in (self.run_dir / "tb").glob("events.out.tfevents.*"):
+            events.unlink()
 
     def _truncate_after(self, step: int) -> None:
         """A resumed run repeats the steps after its checkpoint: drop their old lines."""

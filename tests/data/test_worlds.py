@@ -30,6 +30,14 @@ def test_deterministic_and_seed_dependent(worlds):
     assert other["general"].triplets != worlds["general"].triplets
 
 
+def test_fact_ids_run_entity_by_entity(worlds):
+    """infusion.facts takes a prefix of fact ids: it must be a prefix of whole entities."""
+    for ks in worlds.values():
+        subjects = [t.subject for t in ks.triplets]
+        runs = [s for i, s in enumerate(subjects) if i == 0 or s != subjects[i - 1]]
+        assert len(runs) == len(set(subjects))  # each entity's facts are one block
+
+
 def test_sizes_pools_and_balance(worlds):
     assert list(worlds) == ["general", "domain1", "domain2"]
     g = worlds["general"]

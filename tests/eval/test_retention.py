@@ -13,7 +13,8 @@ from kis_megatron.data.knowledge import KnowledgeError, RelationTemplates, Tripl
 from kis_megatron.data.worlds import default_configs, generate_worlds
 from kis_megatron.eval.retention import (ProbeItem, answer_span, build_probes,
                                          evaluate_retention, greedy_exact_match, load_probes,
-                                         save_probes, score_probes, span_logprobs)
+                                         save_probes, score_probes, select_probes,
+                                         span_logprobs)
 
 BOS, PAD = 1, 0
 
@@ -115,6 +116,48 @@ def test_build_probes_sampling_and_errors(worlds):
     for bad in (0, 1.5, True):
         with pytest.raises(KnowledgeError, match="k "):
             build_probes(small, k=bad)
+
+
+def test_select_probes_keeps_facts_below_a_limit_and_a_fixed_nested_sample(probes):
+    d = probes["domain"]  # 240 facts, a recall and a held-out probe each
+    facts = lambda ps: {p.fact_id for p in ps}  # noqa: E731
+    assert select_probes(d) == d
+    below = select_probes(d, facts_below=50)
+    assert facts(below) == set(range(50))
+    assert [(p.fact_id, p.style, p.answer) for p in below] == \
+        [(p.fact_id, p.style, p.answer) for p in d if p.fact_id < 50]
+    five = select_probes(d, max_facts=5, facts_below=50)
+    # a fixed ranking (keyed blake2b of the fact id): the same in every process and release
+    assert sorted(facts(five)) == [10, 37, 42, 45, 48]
+    assert len(five) == 10 and {p.style for p in five} == {"recall", "heldout"}
+    assert five == [p for p in below if p.fact_id in facts(five)]  # file order kept
+    assert facts(five) < facts(select_probes(d, max_facts=8, facts_below=50))  # nested in the cap
+    wide = facts(select_probes(d, max_facts=5, facts_below=200))
+    assert {f for f in wide if f < 50} <= facts(five)  # nested in the fact limit
+    assert select_probes(d, max_facts=500, facts_below=50) == below
+
+
+def test_a_fact_limit_draws_distractors_from_the_objects_trained_on(probes):
+    d = probes["domain"]
+    full_pool = {}
+    for p in d:
+        full_pool.setdefault(p.relation, set()).add(p.answer)
+    for limit in (24, 50):
+        kept = select_probes(d, facts_below=limit)
+        pool = {}
+        for p in (q for q in d if q.fact_id < limit):
+            pool.setdefault(p.relation, set()).add(p.answer)
+        assert any(pool[r] < full_pool[r] for r in pool)  # the limit does shrink some pool
+        for p in kept:
+            assert set(p.distractors) <= pool[p.relation] - {p.answer}
+            assert len(set(p.distractors)) == 4
+        assert kept == select_probes(d, facts_below=limit)  # deterministic
+    pool50 = {(q.relation, q.answer) for q in d if q.fact_id < 50}
+    fine = [p for p in d if p.fact_id < 50 and all((p.relation, x) in pool50 for x in p.distractors)]
+    kept = {(p.fact_id, p.style, p.template): p for p in select_probes(d, facts_below=50)}
+    assert fine and all(kept[(p.fact_id, p.style, p.template)] == p for p in fine)  # left as they were
+    with pytest.raises(KnowledgeError, match="raise infusion.facts"):
+        select_probes(d, facts_below=4)  # one compound: no other objects to draw from
 
 
 def test_probe_files_round_trip_and_errors(tmp_path, probes):

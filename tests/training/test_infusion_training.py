@@ -43,3 +43,35 @@ def test_general_only_training_knows_general_facts_not_domain_facts(world_corpus
     assert final["retention/general"] > 0.5, final
     # chance is 0.2; 96 probes give a binomial sd of 0.04: 0.35 is ~3.6 sd above chance
     assert final["retention/domain"] < 0.35, final
+
+
+def test_facts_knob_infuses_and_probes_only_the_first_facts(world_corpus, tmp_path):
+    """infusion.facts=10 of the 96-fact domain world: exposures and domain probes cover facts
+    0..9 only, eval.max_probes caps the general set, and a saved checkpoint scored later
+    (tools/eval_retention.py's path) picks the same probes."""
+    from kis_megatron.eval.probing import evaluate_checkpoint
+
+    run = tmp_path / "run"
+    probes = world_corpus["probes"]
+    cfg = load_config(None, tiny_overrides(world_corpus, run, **{
+        "infusion.domain": world_corpus["shards"]["domain"], "infusion.ratio": 0.3,
+        "infusion.facts": 10, "infusion.kind": "domain_facts", "eval.max_probes": 16,
+        "eval.probes.general": probes["general"], "eval.probes.domain": probes["domain"]}))
+    trainer = Trainer(cfg)
+    final = trainer.fit()
+    domain = trainer.stream.blender.sources[1]
+    assert domain.fact_ids.tolist() == list(range(10))
+    counts = trainer.stream.blender.exposure_counts("domain")
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in rows if "loss" in r][-1]
+    assert counts.sum() > 0 and last["exposures/mean"] == counts.sum() / 10
+    assert final["probes/domain"] == 10 and final["probes_heldout/domain"] == 10
+    assert final["probes/general"] == 16  # eval.max_probes of the 200 general facts
+    docs = [json.loads(line) for line in
+            (world_corpus["dir"] / "world/domain/train.jsonl").read_text().splitlines()]
+    info = json.loads((run / "run.json").read_text())["infusion"]
+    assert info["kind"] == "domain_facts" and info["value"] == 10 and info["domain_facts"] == 10
+    assert info["domain_documents"] == sum(d["fact_id"] < 10 for d in docs)
+    again = evaluate_checkpoint(run)
+    for key in ("probes/domain", "probes/general", "retention/domain", "retention/general"):
+        assert again[key] == final[key], key
