@@ -61,10 +61,7 @@ class ValueTemplate:
 
     def point(self, value) -> Point:
         value = self.typed(value)
-        name = self._format(self.name, value, "name")
-        if not name or "/" in name or name in (".", ".."):
-            raise ConfigError(f"{self.where}: name template {self.name!r} gives {name!r} for "
-                              f"{value!r}, not a usable run-id part")
+        name = self._format(self.name, value, "name")  # a usable run id: checked in sweep.build_run
         overrides = {}
         for key, tmpl in self.overrides.items():
             if tmpl == "{value}":
@@ -86,6 +83,16 @@ class ValueTemplate:
                               "literal braces are doubled") from None
 
 
+def overrides_mapping(value, where: str) -> dict:
+    """Overrides are a mapping of dotted keys to values (``{model.dim: 64}``)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where} must be a mapping of dotted keys to values, e.g. "
+                          f"{{model.dim: 64}}, not a {type(value).__name__}: {value!r}")
+    return value
+
+
 def parse_axis(where: str, axis: str, spec) -> Axis:
     """An axis from its sweep-file form: a list of ``{name, overrides}`` points, or a value
     axis ``{values, name, overrides, integer}``.  ``where`` is the sweep file, for messages."""
@@ -97,10 +104,10 @@ def parse_axis(where: str, axis: str, spec) -> Axis:
         for p in spec:
             if not isinstance(p, dict) or "name" not in p or set(p) - {"name", "overrides"}:
                 raise ConfigError(f"{where}: axis '{axis}': each point is {{name: ..., overrides: {{...}}}}, got {p!r}")
-            overrides = p.get("overrides") or {}
-            if not isinstance(overrides, dict):
-                raise ConfigError(f"{here}: point {p['name']!r}: overrides must be a mapping of key: value")
-            points.append(Point(str(p["name"]), dict(overrides)))
+            if isinstance(p["name"], bool) or not isinstance(p["name"], (str, int, float)):
+                raise ConfigError(f"{where}: axis '{axis}': a point's name must be a string, got {p['name']!r}")
+            overrides = overrides_mapping(p.get("overrides"), f"{where}: axis '{axis}', point {p['name']!r}: overrides")
+            points.append(Point(str(p["name"]), overrides))
         return Axis(axis, points)
     if not isinstance(spec, dict):
         raise ConfigError(f"{here} must be a non-empty list of points or a mapping with 'values'")
@@ -112,12 +119,10 @@ def parse_axis(where: str, axis: str, spec) -> Axis:
     if not isinstance(values, list) or not values:
         raise ConfigError(f"{here}: a value axis needs a non-empty list 'values'")
     name = spec.get("name", f"{axis}{{value}}")
-    overrides = spec.get("overrides") or {}
+    overrides = overrides_mapping(spec.get("overrides"), f"{here}: overrides")
     integer = spec.get("integer", False)
     if not isinstance(name, str) or "{" not in name:
         raise ConfigError(f"{here}: 'name' must be a template string with {{value}}, got {name!r}")
-    if not isinstance(overrides, dict):
-        raise ConfigError(f"{here}: 'overrides' must be a mapping of key: value or template")
     if not isinstance(integer, bool):
         raise ConfigError(f"{here}: 'integer' must be true or false, got {integer!r}")
     template = ValueTemplate(here, name, dict(overrides), integer)
@@ -215,9 +220,9 @@ def parse_validate(where: str, doc, axes: dict[str, Axis], refine: RefineSpec | 
         raise ConfigError(f"{here}: unknown keys {sorted(unknown)}; use model, model_axis, axis, "
                           "levels, spacing, out")
     model = doc.get("model")
-    if not isinstance(model, dict) or "name" not in model or set(model) - {"name", "overrides"} \
-            or not isinstance(model.get("overrides") or {}, dict):
+    if not isinstance(model, dict) or "name" not in model or set(model) - {"name", "overrides"}:
         raise ConfigError(f"{here}: 'model' is one point {{name: ..., overrides: {{...}}}}, got {model!r}")
+    overrides = overrides_mapping(model.get("overrides"), f"{here}: model: overrides")
     model_axis = doc.get("model_axis", "model")
     if model_axis not in axes:
         raise ConfigError(f"{here}: 'model_axis' {model_axis!r} is not an axis of the sweep "
@@ -236,5 +241,5 @@ def parse_validate(where: str, doc, axes: dict[str, Axis], refine: RefineSpec | 
     if a == b or b in a.parents or a in b.parents:
         raise ConfigError(f"{here}: 'out' ({vout}) must be a directory apart from the ladder's out ({out}), "
                           "so that the ladder's runs and the validation runs never mix")
-    point = Point(str(model["name"]), dict(model.get("overrides") or {}))
+    point = Point(str(model["name"]), dict(overrides))
     return ValidateSpec(model=point, out=vout, model_axis=model_axis, axis=axis, levels=levels, spacing=spacing)
