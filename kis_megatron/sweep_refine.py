@@ -4,9 +4,10 @@ least known (the ``refine:`` section, see sweep.py).
 One planning step (``plan_refinement``) reads the finished runs' final evaluations
 (law.runs.extract_runs), groups them into curves by their sweep points (every axis but the
 refined one and the seed axis), locates each curve's collapse as fit_law does
-(law.collapse.detect_collapse: fraction 0.5, min_drop 0.1, 1000 bootstrap replicates, the
-stream seeded with [0, i] for the curve's rank i by (N, D), as fit_law seeds it, so both
-report the same interval), and asks law.refine.next_level for one more level.  A curve is
+(law.analysis.locate: fraction 0.5, min_drop 0.1, 1000 bootstrap replicates, one stream per
+curve in fit_law's order, the validation curve's stream as fit_law --validation-runs gives
+it, so both report the same interval once every run has finished), and asks
+law.refine.next_level for one more level.  A curve is
 planned only when all of its runs have finished.  Each proposal becomes one new run per seed,
 recorded in ``<out>/refine.json`` (round, curve, value, runs); ``max_runs`` caps the runs
 added in all, and a round's proposals are taken in the sweep's curve order while they fit.
@@ -25,8 +26,8 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from kis_megatron.config import ConfigError
-from kis_megatron.law.analysis import logged_chance
-from kis_megatron.law.collapse import AT_START, COLLAPSE, CollapsePoint, detect_collapse
+from kis_megatron.law.analysis import Options, locate, logged_chance
+from kis_megatron.law.collapse import AT_START, COLLAPSE, CollapsePoint
 from kis_megatron.law.refine import interval_width, next_level
 from kis_megatron.law.runs import extract_runs
 from kis_megatron.law.table import Curve, LawInputError
@@ -43,6 +44,7 @@ from kis_megatron.sweep_spec import Point
 from kis_megatron.utils import atomic_write_json
 
 MIN_LEVELS = 4  # distinct levels a curve needs, as law.table.select_curves requires
+VALIDATION_STREAM = 7  # the bootstrap stream law.analysis.validate gives the validation curve
 
 
 @dataclass
@@ -85,7 +87,7 @@ def curves_of(sweep: Sweep) -> list[CurveState]:
 def _read_curve(state: CurveState, metric: str) -> list[dict] | None:
     """Rows of the curve's finished runs (every metric, for chance: auto), or None with the
     state set when the curve cannot be planned yet."""
-    unfinished = [r.run_id for r in state.runs if run_status(r) != "finished"]
+    unfinished = [f"{r.run_id} ({s})" for r in state.runs if (s := run_status(r)) != "finished"]
     if unfinished:
         state.status = "waiting"
         shown = ", ".join(unfinished[:3]) + (f" and {len(unfinished) - 3} more" if len(unfinished) > 3 else "")
@@ -156,17 +158,20 @@ def plan_refinement(sweep: Sweep, *, n_boot: int = 1000, log=print) -> RefineSte
             chance = logged_chance(all_rows, spec.metric)
         except LawInputError as e:
             raise ConfigError(f"{sweep.path}: refine.chance: {e}") from None
+    # Located as fit_law does: curves in its order (size, then budget), one bootstrap stream each.
     measured = sorted((s for s in states if s.curve is not None),
                       key=lambda s: (s.curve.model_params, s.curve.tokens, s.label))
-    rank = {id(s): i for i, s in enumerate(measured)}
+    options = Options(metric=spec.metric, chance=chance, n_boot=n_boot)
+    stream = VALIDATION_STREAM if sweep.kind == "validation" else 0
+    for state, point in zip(measured, locate([s.curve for s in measured], options, stream)):
+        state.collapse = point
     axis = sweep.axes[spec.axis]
     new_entries, new_runs = [], []
     known = {r.run_id for r in sweep.runs}
     for state in states:
         if state.status:  # waiting, unreadable or too few levels
             continue
-        rng = np.random.default_rng([0, rank[id(state)]])
-        state.collapse = p = detect_collapse(state.curve, chance=chance, n_boot=n_boot, rng=rng)
+        p = state.collapse
         state.width = interval_width(p)
         state.level = next_level(state.curve, p, target_width=spec.target_width,
                                  integer=axis.template.integer, limits=spec.limits)

@@ -12,8 +12,10 @@ repeat.  With a token-budget axis each budget gets its own prediction.
 
 ``<validate out>/validation_plan.json`` records the law (path and sha256), N, D, the
 prediction and the levels of each curve.  A rerun with the same law.json resumes; a plan made
-from another law.json is refused unless ``force_new_plan``, which sets the old plan and its
-refine.json aside (renamed with the old law's hash) and never deletes a run.
+from another law.json is refused unless ``force_new_plan``, which sets the old plan aside
+(renamed with the old law's hash; its refine.json too unless the levels stay the same) and
+never deletes a run.  When the runs have finished, ``tools/fit_law.py --runs LADDER
+--validation-runs <validate out>`` measures the collapse and compares it with the prediction.
 """
 
 from __future__ import annotations
@@ -85,7 +87,7 @@ def validation_sweep(sweep: Sweep, law_path: str | Path, *, force_new_plan: bool
     axes: dict[str, Axis] = {a: (Axis(a, [spec.model]) if a == spec.model_axis else ax)
                              for a, ax in sweep.axes.items()}
     vsweep = Sweep(base=sweep.base, out=spec.out, path=sweep.path, common=dict(sweep.common),
-                   axes=axes, refine=sweep.refine)
+                   axes=axes, refine=sweep.refine, kind="validation")
     seed_axis = sweep.refine.seed_axis if sweep.refine else None
     level_axis = axes[spec.axis]
     others = [a for a in axes if a not in (spec.model_axis, spec.axis, seed_axis)]
@@ -128,17 +130,18 @@ def validation_sweep(sweep: Sweep, law_path: str | Path, *, force_new_plan: bool
     }
     if sweep.refine and law.get("metric") not in (None, sweep.refine.metric):
         log(f"validate: note: the law was fitted on {law['metric']}, refine: measures {sweep.refine.metric}")
-    stale = _check_plan(vsweep.out, sha, law_path, force_new_plan, write)
+    stale = _check_plan(vsweep.out, sha, law_path, force_new_plan, write, curves)
     if write:
         atomic_write_json(vsweep.out / PLAN_FILE, plan)
-    if not stale or write:  # a forced new plan starts without the old plan's refined levels
+    if not stale or write:  # a new plan with other levels starts without the old refined ones
         add_refined_runs(vsweep)
     return vsweep
 
 
-def _check_plan(out: Path, sha: str, law_path, force: bool, write: bool) -> bool:
-    """Whether a plan from another law.json is there: refused unless ``force``, then (when
-    ``write``) set aside with its refine.json."""
+def _check_plan(out: Path, sha: str, law_path, force: bool, write: bool, curves: list[dict]) -> bool:
+    """Whether a plan from another law.json is there (with other levels): refused unless
+    ``force``, then (when ``write``) set aside, with its refine.json unless the levels stay
+    the same (a law refitted to the same coefficients, e.g. with --validation-runs)."""
     path = out / PLAN_FILE
     if not path.is_file():
         return False
@@ -149,16 +152,19 @@ def _check_plan(out: Path, sha: str, law_path, force: bool, write: bool) -> bool
         raise ConfigError(f"{path} is not a validation plan; restore it or move it away") from None
     if old_sha == sha:
         return False
+    same = old.get("curves") == json.loads(json.dumps(curves))
     if not force:
+        hint = (" (it predicts the same levels: a refit that only added its validation? then "
+                "--force-new-plan keeps the refined levels too)" if same else "")
         raise ConfigError(
             f"{path} was planned from another law ({old_law}, sha256 {old_sha[:12]}), not {law_path} "
-            f"(sha256 {sha[:12]}); its runs in {out} are kept either way: pass --force-new-plan "
+            f"(sha256 {sha[:12]}){hint}; its runs in {out} are kept either way: pass --force-new-plan "
             "to plan from the new law, or use the law.json the plan was made from")
     if write:
         _set_aside(path, old_sha[:12])
-        if (out / REFINE_FILE).is_file():
+        if (out / REFINE_FILE).is_file() and not same:
             _set_aside(out / REFINE_FILE, old_sha[:12])
-    return True
+    return not same
 
 
 def _set_aside(path: Path, tag: str) -> None:

@@ -145,7 +145,7 @@ def test_sharp_fall_is_split_at_the_geometric_midpoint_round_by_round(tmp_path):
     sweep = load_sweep(path)
     assert [(r.run_id, r.origin, run_status(r)) for r in sweep.runs[-1:]] == [("d16-f0362", "refine round 1", "new")]
     assert not plan_refinement(sweep, n_boot=N_BOOT, log=lines.append).new_runs
-    assert "waiting for 1 unfinished run(s): d16-f0362" in lines[-1] and len(records(path)) == 1
+    assert "waiting for 1 unfinished run(s): d16-f0362 (new)" in lines[-1] and len(records(path)) == 1
 
     # Finished, it continues: 362 fell, so the fall is in (256, 362) -> 304; then the CI
     # log10(304 / 256) = 0.0746 decades is narrower than 0.15: done.
