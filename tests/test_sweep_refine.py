@@ -378,3 +378,50 @@ def test_refine_trains_the_grid_then_the_refined_level_and_resumes(world_corpus,
     outcome = refine_local(load_sweep(path), jobs=2, progress=False, log=again.append)
     assert all(v.startswith("skipped") for v in outcome.values()) and len(records(path)) == 1
     assert again[0] == "sweep: 5 of 5 runs already finished, skipped"
+
+
+def test_the_loop_through_fit_law_ladder_law_validation_plan_check(tmp_path):
+    """fit_law's law.json drives --validate, and fit_law --validation-runs reads its runs back."""
+    from kis_megatron.law.analysis import Options, analyze
+    from kis_megatron.law.report import write_outputs
+    from kis_megatron.law.runs import extract_runs
+
+    models = [{"name": f"d{d}", "overrides": {"model.dim": d}} for d in (16, 24, 32)]
+    levels = [float(v) for v in np.geomspace(1, 64, 7)]
+    path = write_sweep(tmp_path, {"model": models, "infusion": {**VALUE, "values": levels}}, refine=REFINE,
+                       validate={**VALIDATE, "levels": 7, "spacing": 0.1})
+    sweep = load_sweep(path)
+
+    def truth(run):  # CP = 1e-3 * N^0.8, a smooth fall
+        cp = 1e-3 * run.params ** 0.8
+        return lambda x: 0.2 + 0.7 / (1 + (x / cp) ** 4)
+
+    for run in sweep.runs:
+        finish([run], truth(run))
+    rows, _ = extract_runs([str(r.run_dir) for r in sweep.runs])
+    options = Options(chance=0.2, n_boot=20, fit="two-stage")
+    write_outputs(analyze(rows, options), str(tmp_path / "law"), None)
+    vsweep = validation_sweep(load_sweep(path), tmp_path / "law" / "law.json", log=lambda s: None)
+    for run in vsweep.runs:
+        finish([run], truth(run))
+    vrows, _ = extract_runs([str(r.run_dir) for r in vsweep.runs])
+    check = analyze(rows, options, validation_rows=vrows).validation
+    plan = json.loads((tmp_path / "runs_validate" / PLAN_FILE).read_text())
+    assert check["predicted"] == pytest.approx(plan["curves"][0]["predicted"], rel=1e-9)
+    assert check["levels"] == pytest.approx(plan["curves"][0]["levels"])
+    assert check["measured"] == pytest.approx(1e-3 * vsweep.runs[0].params ** 0.8, rel=0.1)
+
+
+def test_a_refit_with_the_same_coefficients_keeps_the_refined_levels(tmp_path):
+    path = write_sweep(tmp_path, {"model": MODELS, "infusion": VALUE}, refine=REFINE, validate=VALIDATE)
+    law = write_law(tmp_path / "law.json")
+    vsweep = validation_sweep(load_sweep(path), law, log=lambda s: None)
+    finish(vsweep.runs, lambda x: 0.9)
+    assert plan_refinement(vsweep, n_boot=N_BOOT, log=lambda s: None).new_runs
+    doc = json.loads(law.read_text())
+    law.write_text(json.dumps({**doc, "validation": {"measured": 1.0}}))  # fit_law --validation-runs
+    with pytest.raises(ConfigError, match="it predicts the same levels"):
+        validation_sweep(load_sweep(path), law, log=lambda s: None)
+    again = validation_sweep(load_sweep(path), law, force_new_plan=True, log=lambda s: None)
+    assert [r.run_id for r in again.runs] == [r.run_id for r in vsweep.runs]  # refined level kept
+    assert (tmp_path / "runs_validate" / "refine.json").is_file()
