@@ -159,7 +159,7 @@ def plan_refinement(sweep: Sweep, *, n_boot: int = 1000, log=print) -> RefineSte
         except LawInputError as e:
             raise ConfigError(f"{sweep.path}: refine.chance: {e}") from None
     # Located as fit_law does: curves in its order (size, then budget), one bootstrap stream each.
-    measured = sorted((s for s in states if s.curve is not None),
+    measured = sorted((s for s in states if s.curve is not None and not s.status),
                       key=lambda s: (s.curve.model_params, s.curve.tokens, s.label))
     options = Options(metric=spec.metric, chance=chance, n_boot=n_boot)
     stream = VALIDATION_STREAM if sweep.kind == "validation" else 0
