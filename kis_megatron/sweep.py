@@ -1,5 +1,6 @@
 """Sweeps: a grid of training runs (model sizes x infusion amounts x token budgets ...)
-over one base config, run locally or printed as cluster launch commands.
+over one base config, run locally or printed as cluster launch commands; optionally refined
+where each retention curve's collapse is least known, and validated on a larger model.
 
 A sweep file::
 
@@ -7,20 +8,61 @@ A sweep file::
     out: out/tiny_ladder/runs                # one run directory per grid point
     overrides: {train.threads: 1}            # applied to every run
     axes:                                    # the grid is the product of the axes
-      model:
+      model:                                 # named points
         - {name: d32, overrides: {model.dim: 32}}
         - {name: d64, overrides: {model.dim: 64}}
-      infusion:
-        - {name: r010, overrides: {infusion.ratio: 0.1}}
-        - {name: r030, overrides: {infusion.ratio: 0.3}}
+      infusion:                              # a value axis: values and a template
+        values: [32, 128, 512, 2048]
+        name: "f{value:04d}"                 # str.format with `value`; default "<axis>{value}"
+        overrides: {infusion.value: "{value}", infusion.domain: "data/f{value}/shard"}
+        integer: true                        # generated levels are rounded to integers
+      seed: {values: [0, 1], name: "s{value}", overrides: {train.seed: "{value}"}}
 
-Run ids join the point names (``d32-r010``); each run's ``log.dir`` is ``out/<run id>``, so a
-name must not hold a path separator or start with a dot. Runs already finished (``run.json``
-says so) are skipped; every other run is (re)started with ``checkpoint.resume=auto``: an
-interrupted one continues from its latest whole checkpoint, or starts afresh when it has none;
-a failed one (e.g. diverged) is tried again, and its reason is reported if it fails again.
-Local runs go largest model first (by parameter count), ``jobs`` at a time, each in its own
-process so a failure stays contained.
+Run ids join the point names (``d32-f0128-s0``); each run's ``log.dir`` is ``out/<run id>``,
+so a name must not hold a path separator or start with a dot. On a value axis an override
+that is exactly ``"{value}"`` becomes the number itself (an int when ``integer``), other
+strings are formatted (double a literal brace). Runs already finished (``run.json`` says so)
+are skipped; every other run is (re)started with ``checkpoint.resume=auto``: an interrupted
+one continues from its latest whole checkpoint, or starts afresh when it has none; a failed
+one (e.g. diverged) is tried again, and its reason is reported if it fails again. Local runs
+go largest model first (by parameter count), ``jobs`` at a time, each in its own process so a
+failure stays contained.
+
+Refinement (``tools/sweep.py FILE --refine``; sweep_refine.py)::
+
+    refine:
+      axis: infusion            # a value axis; its values must be what run.json logs as the
+                                #   infusion value (infusion.value, else infusion.ratio)
+      metric: retention/domain
+      chance: auto              # as fit_law --chance: a number, auto, or omitted (fitted floor)
+      target_width: 0.15        # decades: a curve is done when its collapse CI is this narrow
+      max_runs: 8               # extra runs in all (0 disables)
+      limits: [1, 2048]         # optional bounds on the axis value
+      seed_axis: seed           # optional: a new level is run for every seed
+
+A curve is the set of runs that share every axis point but the refined axis and the seed
+axis. Once all of a curve's runs are finished, its collapse is located (law/collapse.py) and
+``law.refine.next_level`` proposes one more level, run as a new point of the value axis.
+Rounds repeat until no curve proposes or ``max_runs`` is spent. The added levels are recorded
+in ``<out>/refine.json``; loading the sweep re-adds them, so refinement resumes like any sweep.
+With ``--print-launch``, ``--refine`` plans one round from the runs finished so far and prints
+the commands of every unfinished run: alternate launching and ``--refine --print-launch``
+until it prints no run.
+
+Validation (``tools/sweep.py FILE --validate LAW_JSON``; sweep_validate.py)::
+
+    validate:
+      model: {name: d192, overrides: {model.dim: 192}}   # the larger held-out model
+      model_axis: model          # the axis that point replaces (default model)
+      axis: infusion             # the levels' axis (default: refine's axis)
+      levels: 5                  # runs centred on the predicted collapse point
+      spacing: 0.2               # decades between levels
+      out: out/validate_runs     # default: <out>_validate
+
+It predicts the validation model's collapse point from the fitted law (N counted on the meta
+device, D = global_batch * seq_len * steps of its config), runs CP * 10^(spacing * k) for
+k = -(levels-1)/2 ... (levels-1)/2 crossed with the other axes (seeds repeat), records the
+plan in ``<validate out>/validation_plan.json``, and with ``--refine`` refines that curve too.
 """
 
 from __future__ import annotations
@@ -40,6 +82,18 @@ import yaml
 
 from kis_megatron.config import ConfigError, load_config
 from kis_megatron.errors import KisError, exit_with
+from kis_megatron.sweep_spec import (
+    Axis,
+    Point,
+    RefineSpec,
+    ValidateSpec,
+    overrides_mapping,
+    parse_axis,
+    parse_refine,
+    parse_validate,
+)
+
+REFINE_FILE = "refine.json"  # in the sweep's out directory: the levels refinement added
 
 
 @dataclass
@@ -48,6 +102,10 @@ class SweepRun:
     overrides: dict[str, object]
     run_dir: Path
     params: int = 0  # model parameters, for ordering
+    points: dict[str, Point] = field(default_factory=dict)  # axis -> its point
+    tokens: int = 0  # token budget D: global_batch * seq_len * steps
+    infusion: float = 0.0  # the infusion value run.json logs (infusion.value, else the ratio)
+    origin: str = "grid"  # grid | refine round K | validation
 
     def override_args(self) -> list[str]:
         return [f"{k}={_yaml_scalar(v)}" for k, v in self.overrides.items()] + [f"log.dir={self.run_dir}"]
@@ -58,6 +116,12 @@ class Sweep:
     base: Path
     out: Path
     runs: list[SweepRun] = field(default_factory=list)
+    path: Optional[Path] = None  # the sweep file, for messages
+    common: dict = field(default_factory=dict)  # overrides applied to every run
+    axes: dict[str, Axis] = field(default_factory=dict)
+    refine: Optional[RefineSpec] = None
+    validate: Optional[ValidateSpec] = None
+    kind: str = "ladder"  # ladder | validation (the held-out model's runs, sweep_validate.py)
 
 
 def _yaml_scalar(v) -> str:
@@ -68,7 +132,8 @@ def _yaml_scalar(v) -> str:
 
 def load_sweep(path: str | Path) -> Sweep:
     """Parse and validate a sweep file; every run's config is resolved (so a typo in any
-    grid point fails here, before the first run starts)."""
+    grid point fails here, before the first run starts).  Levels that refinement added
+    (``<out>/refine.json``) are runs of the sweep too."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"sweep file not found: {path}")
@@ -78,10 +143,11 @@ def load_sweep(path: str | Path) -> Sweep:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(doc, dict):
         raise ConfigError(f"{path}: the top level must be a mapping with base, out, axes "
-                          f"(and overrides), not a {type(doc).__name__}")
-    unknown = set(doc) - {"base", "out", "overrides", "axes"}
+                          f"(and overrides, refine, validate), not a {type(doc).__name__}")
+    unknown = set(doc) - {"base", "out", "overrides", "axes", "refine", "validate"}
     if unknown:
-        raise ConfigError(f"{path}: unknown sweep keys {sorted(unknown)}; use base, out, overrides, axes")
+        raise ConfigError(f"{path}: unknown sweep keys {sorted(unknown)}; use base, out, overrides, axes, "
+                          "refine, validate")
     for key in ("base", "out", "axes"):
         if key not in doc:
             raise ConfigError(f"{path}: missing '{key}'")
@@ -91,50 +157,25 @@ def load_sweep(path: str | Path) -> Sweep:
     here = path.parent
     base = (here / doc["base"]) if not Path(doc["base"]).is_absolute() else Path(doc["base"])
     out = Path(doc["out"])
-    common = _overrides(doc.get("overrides"), f"{path}: 'overrides'")
+    common = overrides_mapping(doc.get("overrides"), f"{path}: 'overrides'")
     axes = doc["axes"]
     if not isinstance(axes, dict) or not axes:
-        raise ConfigError(f"{path}: 'axes' must map axis names to lists of points")
-    points_per_axis = []
-    for axis, points in axes.items():
-        if not isinstance(points, list) or not points:
-            raise ConfigError(f"{path}: axis '{axis}' must be a non-empty list")
-        for p in points:
-            if not isinstance(p, dict) or "name" not in p or set(p) - {"name", "overrides"}:
-                raise ConfigError(f"{path}: axis '{axis}': each point is {{name: ..., overrides: {{...}}}}, got {p!r}")
-            if isinstance(p["name"], bool) or not isinstance(p["name"], (str, int, float)):
-                raise ConfigError(f"{path}: axis '{axis}': a point's name must be a string, got {p['name']!r}")
-            _overrides(p.get("overrides"), f"{path}: axis '{axis}', point {p['name']!r}: overrides")
-        points_per_axis.append(points)
-    sweep = Sweep(base=base, out=out)
+        raise ConfigError(f"{path}: 'axes' must map axis names to lists of points or value axes")
+    parsed = {str(axis): parse_axis(str(path), str(axis), spec) for axis, spec in axes.items()}
+    sweep = Sweep(base=base, out=out, path=path, common=dict(common), axes=parsed)
+    if doc.get("refine") is not None:
+        sweep.refine = parse_refine(str(path), doc["refine"], parsed)
+    if doc.get("validate") is not None:
+        sweep.validate = parse_validate(str(path), doc["validate"], parsed, sweep.refine, out)
     seen = set()
-    for combo in itertools.product(*points_per_axis):
-        run_id = "-".join(str(p["name"]) for p in combo)
-        _check_run_id(run_id, path)
-        if run_id in seen:
-            raise ConfigError(f"{path}: two grid points share the run id {run_id!r}")
-        seen.add(run_id)
-        overrides = dict(common)
-        for p in combo:
-            overrides.update(p.get("overrides") or {})
-        run = SweepRun(run_id, overrides, out / run_id)
-        try:
-            cfg = load_config(base, run.override_args())
-        except ConfigError as e:
-            raise ConfigError(f"{path}: run {run_id}: {e}") from None
-        run.params = _param_count(cfg)
+    for combo in itertools.product(*(a.points for a in parsed.values())):
+        run = build_run(sweep, dict(zip(parsed, combo)))
+        if run.run_id in seen:
+            raise ConfigError(f"{path}: two grid points share the run id {run.run_id!r}")
+        seen.add(run.run_id)
         sweep.runs.append(run)
+    add_refined_runs(sweep)
     return sweep
-
-
-def _overrides(value, where: str) -> dict:
-    """Overrides are a mapping of dotted keys to values (``{model.dim: 64}``)."""
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise ConfigError(f"{where} must be a mapping of dotted keys to values, e.g. "
-                          f"{{model.dim: 64}}, not a {type(value).__name__}: {value!r}")
-    return value
 
 
 def _check_run_id(run_id: str, path: Path) -> None:
@@ -143,6 +184,92 @@ def _check_run_id(run_id: str, path: Path) -> None:
             or Path(run_id).is_absolute():
         raise ConfigError(f"{path}: run id {run_id!r} (the points' names joined by '-') must be "
                           "one directory name: no '/', '\\' or leading '.'")
+
+
+def build_run(sweep: Sweep, points: dict[str, Point], origin: str = "grid") -> SweepRun:
+    """The run of one point per axis (in the sweep's axis order), its config resolved: the
+    sweep's common overrides, then each point's."""
+    points = {a: points[a] for a in sweep.axes if a in points}
+    run_id = "-".join(str(p.name) for p in points.values())
+    _check_run_id(run_id, sweep.path)
+    overrides = dict(sweep.common)
+    for p in points.values():
+        overrides.update(p.overrides)
+    run = SweepRun(run_id, overrides, sweep.out / run_id, points=points, origin=origin)
+    try:
+        cfg = load_config(sweep.base, run.override_args())
+    except ConfigError as e:
+        raise ConfigError(f"{sweep.path}: run {run_id}: {e}") from None
+    run.params = _param_count(cfg)
+    run.tokens = cfg.train.global_batch * cfg.data.seq_len * cfg.train.steps
+    inf = cfg.infusion
+    run.infusion = float(inf.value if inf.value is not None else inf.ratio)
+    if sweep.refine is not None:
+        axis = sweep.refine.axis
+        if axis in points and abs(run.infusion - points[axis].value) > 1e-9 * abs(points[axis].value):
+            raise ConfigError(
+                f"{sweep.path}: run {run_id}: refine axis '{axis}' has the value {points[axis].value} but the "
+                f"run logs the infusion value {run.infusion:g} (infusion.value, else infusion.ratio); "
+                f"add infusion.value: \"{{value}}\" to the overrides of axis '{axis}' so that refinement "
+                "and fit_law measure the same levels")
+    return run
+
+
+def refined_points(sweep: Sweep) -> list[dict]:
+    """The entries of ``<out>/refine.json`` (empty when refinement added nothing yet)."""
+    path = sweep.out / REFINE_FILE
+    if sweep.refine is None or not path.is_file():
+        return []
+    try:
+        doc = json.loads(path.read_text())
+        entries = doc["added"]
+        if doc.get("axis") != sweep.refine.axis:
+            raise ConfigError(f"{path} refines axis {doc.get('axis')!r}, the sweep file axis "
+                              f"{sweep.refine.axis!r}; move {path} away to start refining afresh")
+        for e in entries:
+            if not (isinstance(e["round"], int) and isinstance(e["points"], dict)
+                    and isinstance(e["value"], (int, float))):
+                raise TypeError
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ConfigError(f"{path} is not a refinement record ({type(e).__name__}: {e}); "
+                          "restore it or move it away") from None
+    return entries
+
+
+def refine_runs(sweep: Sweep, curve: dict[str, Point], value, origin: str) -> list[SweepRun]:
+    """The runs of one refined level of one curve: one per point of the seed axis."""
+    spec = sweep.refine
+    axis = sweep.axes[spec.axis]
+    seeds = sweep.axes[spec.seed_axis].points if spec.seed_axis else [None]
+    runs = []
+    for s in seeds:
+        points = {**curve, spec.axis: axis.point(value)}
+        if s is not None:
+            points[spec.seed_axis] = s
+        runs.append(build_run(sweep, points, origin))
+    return runs
+
+
+def add_refined_runs(sweep: Sweep) -> None:
+    """Append the runs of the levels recorded in ``<out>/refine.json``."""
+    known = {r.run_id: r for r in sweep.runs}
+    for e in refined_points(sweep):
+        curve = {}
+        for axis, name in e["points"].items():
+            found = [p for p in sweep.axes[axis].points if p.name == name] if axis in sweep.axes else []
+            if not found:
+                raise ConfigError(f"{sweep.out / REFINE_FILE} refined curve {e.get('curve')!r}, but the sweep "
+                                  f"has no point {name!r} on axis {axis!r} any more; restore it, or move "
+                                  "refine.json away to start refining afresh")
+            curve[axis] = found[0]
+        for run in refine_runs(sweep, curve, e["value"], f"refine round {e['round']}"):
+            if run.run_id in known:
+                if known[run.run_id].overrides != run.overrides:
+                    raise ConfigError(f"{sweep.path}: the refined run {run.run_id} has the id of another "
+                                      "run with other overrides; make the value axis name template finer")
+                continue
+            known[run.run_id] = run
+            sweep.runs.append(run)
 
 
 def _param_count(cfg) -> int:
@@ -261,6 +388,10 @@ def run_local(sweep: Sweep, jobs: int = 1, progress: bool = True, log=print) -> 
     return outcome
 
 
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     import argparse
 
@@ -269,24 +400,52 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--jobs", type=int, default=1, help="runs at a time (each should use 1/jobs of the cores)")
     ap.add_argument("--print-launch", choices=["torchrun", "slurm"],
                     help="print the cluster commands for the unfinished runs instead of running them")
-    ap.add_argument("--list", action="store_true", help="list the runs and their status")
+    ap.add_argument("--list", action="store_true", help="list the runs and their status (plans nothing)")
+    ap.add_argument("--refine", action="store_true",
+                    help="add infusion levels where each curve's collapse is least known (refine: section); "
+                    "with --print-launch: plan one round from the finished runs, then print")
+    ap.add_argument("--validate", metavar="LAW_JSON",
+                    help="work on the validation runs (validate: section) centred on the collapse point "
+                    "that LAW_JSON (written by tools/fit_law.py) predicts for the larger model")
+    ap.add_argument("--force-new-plan", action="store_true",
+                    help="with --validate: replace a validation plan made from another law.json "
+                    "(finished runs are kept)")
     args = ap.parse_args(argv)
     try:
+        if args.force_new_plan and not args.validate:
+            raise ConfigError("--force-new-plan goes with --validate LAW_JSON")
+        if args.jobs < 1:
+            raise ConfigError("--jobs must be >= 1")
         sweep = load_sweep(args.sweep)
+        if args.refine and sweep.refine is None:
+            raise ConfigError(f"{args.sweep}: --refine needs a refine: section in the sweep file")
+        if args.validate:
+            from kis_megatron.sweep_validate import validation_sweep
+
+            sweep = validation_sweep(sweep, args.validate, force_new_plan=args.force_new_plan,
+                                     write=not args.list, log=_stderr)
         if args.list or args.print_launch:  # let `| head` end the listing quietly
             import signal
 
             signal.signal(signal.SIGPIPE, signal.SIG_DFL)
         if args.list:
             for r in sweep.runs:
-                print(f"{r.run_id:30s} {r.params:>12,d} params  {run_status(r)}")
+                origin = "" if r.origin == "grid" else f"  ({r.origin})"
+                print(f"{r.run_id:30s} {r.params:>12,d} params  {run_status(r)}{origin}")
             return 0
         if args.print_launch:
+            if args.refine:
+                from kis_megatron.sweep_refine import plan_refinement
+
+                plan_refinement(sweep, log=_stderr)
             sys.stdout.write(print_launch(sweep, args.print_launch))
             return 0
-        if args.jobs < 1:
-            raise ConfigError("--jobs must be >= 1")
-        outcome = run_local(sweep, jobs=args.jobs)
+        if args.refine:
+            from kis_megatron.sweep_refine import refine_local
+
+            outcome = refine_local(sweep, jobs=args.jobs)
+        else:
+            outcome = run_local(sweep, jobs=args.jobs)
     except KisError as e:
         return exit_with(e)
     failed = [k for k, v in outcome.items() if v.startswith("FAILED")]
