@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from kis_megatron.config import ConfigError
-from kis_megatron.law.analysis import Options, locate, logged_chance
+from kis_megatron.law.analysis import VALIDATION_STREAM, Options, locate, logged_chance
 from kis_megatron.law.collapse import AT_START, COLLAPSE, CollapsePoint
 from kis_megatron.law.refine import interval_width, next_level
 from kis_megatron.law.runs import extract_runs
@@ -44,7 +44,6 @@ from kis_megatron.sweep_spec import Point
 from kis_megatron.utils import atomic_write_json
 
 MIN_LEVELS = 4  # distinct levels a curve needs, as law.table.select_curves requires
-VALIDATION_STREAM = 7  # the bootstrap stream law.analysis.validate gives the validation curve
 
 
 @dataclass

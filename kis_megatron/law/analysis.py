@@ -16,6 +16,9 @@ from kis_megatron.law.table import Curve, LawInputError, select_curves
 
 
 FITS = ("joint", "two-stage")
+# Bootstrap stream of a validation curve (``locate``'s ``stream``), so a sweep that checks
+# the same curve (sweep_validate.py) reproduces fit_law's interval exactly.
+VALIDATION_STREAM = 7
 
 
 @dataclass
@@ -182,7 +185,7 @@ def validate(result: Analysis, rows: list[dict]) -> None:
     if curve.model_params in fitted:
         raise LawInputError(f"the validation model (N={curve.model_params:.4g}) is one of the "
                             "ladder's fitted sizes; validate a held-out size")
-    point = locate([curve], o, stream=7)[0]
+    point = locate([curve], o, stream=VALIDATION_STREAM)[0]
     check = check_prediction(result.law, point)
     check["levels"] = sorted({float(v) for v in curve.infusion})
     check["runs"] = int(curve.infusion.size)

@@ -7,8 +7,9 @@ between two levels, so the collapse point is placed by the grid rather than meas
 from ``collapse.detect_collapse``) and proposes one more level:
 
 - a located collapse whose interval is wider than ``target_width`` decades: the geometric
-  midpoint of the widest gap between adjacent measured levels that overlaps the interval
-  (so the new run lands on the fall, where the curve is least known);
+  midpoint of the gap between adjacent measured levels that holds the collapse estimate
+  (so the new run lands on the fall, where the curve is least known); when that gap is too
+  small to split, the widest other gap that overlaps the interval;
 - no fall in the measured range (a lower bound): a level ``extend`` times the largest;
 - collapsed already at the smallest level (an upper bound): the smallest over ``extend``;
 - otherwise (interval narrow enough, or the gap is too small to split): ``None``.
@@ -68,9 +69,13 @@ def next_level(curve: Curve, point: CollapsePoint, *, target_width: float = 0.15
     if width is not None and width <= target_width:
         return None
     ci_lo, ci_hi = (math.log10(v) for v in point.ci)
+    xc = math.log10(point.collapse_infusion)
     x = np.log10(levels)
-    gaps = [(x[i + 1] - x[i], i) for i in range(x.size - 1) if x[i + 1] > ci_lo and x[i] < ci_hi]
-    for _, i in sorted(gaps, reverse=True):  # widest first; a gap too small to split is skipped
+    gaps = [(x[i] <= xc <= x[i + 1], round(x[i + 1] - x[i], 9), i)
+            for i in range(x.size - 1) if x[i + 1] > ci_lo and x[i] < ci_hi]
+    # the estimate's own gap first, then the widest (rounded, so equal gaps of a log grid tie
+    # and the lower one wins); a gap too small to split is skipped
+    for _, _, i in sorted(gaps, key=lambda g: (not g[0], -g[1], g[2])):
         level = fresh(math.sqrt(levels[i] * levels[i + 1]))
         if level is not None and levels[i] < level < levels[i + 1]:
             return level
