@@ -53,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fit", choices=["joint", "two-stage"], default="joint",
                     help="joint: all curves at once, collapse points tied to the law (default); "
                     "two-stage: a line through the per-curve collapse points")
+    ap.add_argument("--terms", choices=["auto", "N", "N,D"], default="auto",
+                    help="the law's terms: N,D fits CP = a N^b D^c; N fits CP = a N^b; auto "
+                    "(default) adds D when the budgets vary apart from the sizes")
     ap.add_argument("--predict", metavar="N[,D]", help="target model size (and token budget)")
     ap.add_argument("--metric", default="retention/domain",
                     help="metric whose fall defines the collapse, an accuracy such as the "
@@ -73,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     options = Options(
         metric=args.metric, infusion_kind=args.infusion_kind, fraction=args.fraction,
         chance=args.chance, min_drop=args.min_drop, n_boot=args.bootstrap, seed=args.seed,
-        confidence=args.confidence, fit=args.fit,
+        confidence=args.confidence, fit=args.fit, terms=args.terms,
     )
     try:
         check_out_dir(args.out)  # fail before the slow part

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from kis_megatron.law.collapse import CollapsePoint, detect_collapse
-from kis_megatron.law.fit import LawFit, check_prediction, fit_law, leave_largest_out
+from kis_megatron.law.fit import TERMS, LawFit, check_prediction, fit_law, leave_largest_out
 from kis_megatron.law.joint import fit_law_joint
 from kis_megatron.law.table import Curve, LawInputError, select_curves
 
@@ -34,10 +34,13 @@ class Options:
     seed: int = 0
     confidence: float = 0.95
     fit: str = "joint"  # joint | two-stage (see joint.py and fit.py)
+    terms: str = "auto"  # auto | N | N,D (fit.law_design)
 
     def validate(self) -> None:
         if self.fit not in FITS:
             raise LawInputError(f"--fit takes {' or '.join(FITS)}, got {self.fit!r}")
+        if self.terms not in TERMS:
+            raise LawInputError(f"--terms takes {', '.join(TERMS)}, got {self.terms!r}")
         if not 0.0 < self.fraction < 1.0:
             raise LawInputError(f"--fraction must be in (0, 1), got {self.fraction}")
         if not self.min_drop > 0:
@@ -95,7 +98,10 @@ def predict(law: LawFit, n: float, d: float | None) -> dict:
             notes.append(f"extrapolates in D by {d / (max(budgets) if d > max(budgets) else min(budgets)):.3g}x")
     if d is not None and not law.use_tokens:
         budgets = sorted({p.tokens for p in law.points})
-        notes.append(f"the law has no D term (collapse points at D={budgets[0]:.4g} only); D is not used")
+        if len(budgets) == 1:
+            notes.append(f"the law has no D term (collapse points at D={budgets[0]:.4g} only); D is not used")
+        else:
+            notes.append("the law has no D term (see the law's note); D is not used")
     return {
         "model_params": n,
         "tokens": d,
@@ -137,10 +143,10 @@ def locate(curves: list[Curve], options: Options, stream: int = 0) -> list[Colla
 def fit(curves: list[Curve], points: list[CollapsePoint], options: Options) -> LawFit:
     """The law from located curves, by ``options.fit``."""
     if options.fit == "two-stage":
-        return fit_law(points, options.confidence)
+        return fit_law(points, options.confidence, options.terms)
     return fit_law_joint(curves, points, chance=options.chance, fraction=options.fraction,
                          n_boot=options.n_boot, confidence=options.confidence,
-                         rng=np.random.default_rng([options.seed, 1_000_003]))
+                         rng=np.random.default_rng([options.seed, 1_000_003]), terms=options.terms)
 
 
 def analyze(rows: list[dict], options: Options, target: str | None = None,

@@ -45,6 +45,7 @@ class LawFit:
     rms_log10_residual: float
     dropped_replicates: int
     method: str = "two-stage"
+    note: str = ""  # how the law's terms were chosen, when that needs saying (law_design)
 
     @property
     def coefficient(self) -> float:
@@ -95,11 +96,19 @@ def usable_points(points: list[CollapsePoint]) -> list[CollapsePoint]:
     return [p for p in points if p.status == COLLAPSE]
 
 
-def fit_law(points: list[CollapsePoint], confidence: float = 0.95) -> LawFit:
-    """Fit CP = a N^b (D^c when the located points span several token budgets) to the
-    located collapse points, with pipeline-bootstrap replicates (see module docstring).
-    Raises LawInputError when fewer than two model sizes have a located collapse, or when
-    budgets vary but cannot be separated from sizes."""
+TERMS = ("auto", "N", "N,D")
+
+
+def law_design(points: list[CollapsePoint], terms: str = "auto") -> tuple[np.ndarray, bool, str]:
+    """The design matrix of the law for the located ones of ``points``, whether D is a term,
+    and a note.
+
+    ``terms``: "N,D" fits CP = a N^b D^c (the budgets must vary apart from the sizes);
+    "N" fits CP = a N^b whatever the budgets; "auto" adds D when the budgets vary and can be
+    separated from the sizes, and otherwise fits N alone, saying so: a ladder whose budget
+    grows with its size (e.g. 20 tokens per parameter) measures the law along that rule."""
+    if terms not in TERMS:
+        raise LawInputError(f"--terms takes {', '.join(TERMS)}, got {terms!r}")
     used = usable_points(points)
     sizes = sorted({p.model_params for p in used})
     if len(sizes) < 2:
@@ -111,13 +120,33 @@ def fit_law(points: list[CollapsePoint], confidence: float = 0.95) -> LawFit:
         )
     n = np.array([p.model_params for p in used])
     d = np.array([p.tokens for p in used])
-    use_tokens = np.unique(d).size > 1
-    x = design_matrix(n, d, use_tokens)
-    if np.linalg.matrix_rank(x) < x.shape[1]:
+    varies = np.unique(d).size > 1
+    if terms == "N" or not varies:
+        note = ("the token budgets vary, but the law is fitted in N alone (--terms N): it holds "
+                "along the ladder's budgets" if varies else "")
+        return design_matrix(n, d, False), False, note
+    x = design_matrix(n, d, True)
+    if np.linalg.matrix_rank(x) == x.shape[1]:
+        return x, True, ""
+    if terms == "N,D":
         raise LawInputError(
             "the located collapse points change model size and token budget together, so "
             "their effects cannot be separated; add runs of one size at several budgets"
         )
+    ratio = np.unique(np.round(d / n, 6))
+    return design_matrix(n, d, False), False, (
+        "the token budget changes together with the model size (D/N = "
+        f"{', '.join(f'{r:.3g}' for r in ratio[:4])}), so D cannot be separated from N: the law "
+        "is fitted in N and holds for targets trained on the ladder's budget rule")
+
+
+def fit_law(points: list[CollapsePoint], confidence: float = 0.95, terms: str = "auto") -> LawFit:
+    """Fit CP = a N^b (D^c, see :func:`law_design`) to the located collapse points by
+    least squares in log10, with pipeline-bootstrap replicates (see module docstring).
+    Raises LawInputError when fewer than two model sizes have a located collapse, or when
+    D is asked for but cannot be separated from N."""
+    used = usable_points(points)
+    x, use_tokens, note = law_design(points, terms)
     y = np.log10([p.collapse_infusion for p in used])
     coef, *_ = np.linalg.lstsq(x, y, rcond=None)
     resid = y - x @ coef
@@ -132,6 +161,7 @@ def fit_law(points: list[CollapsePoint], confidence: float = 0.95) -> LawFit:
         points=used,
         rms_log10_residual=float(np.sqrt(np.mean(resid**2))),
         dropped_replicates=int((~ok).sum()),
+        note=note,
     )
 
 

@@ -35,8 +35,8 @@ from scipy.optimize import least_squares
 from scipy.special import expit
 
 from kis_megatron.law.collapse import COLLAPSE, CollapsePoint, _StepProblem
-from kis_megatron.law.fit import LawFit, design_matrix
-from kis_megatron.law.table import Curve, LawInputError
+from kis_megatron.law.fit import LawFit, design_matrix, law_design
+from kis_megatron.law.table import Curve
 
 
 @dataclass
@@ -129,25 +129,13 @@ def _leverage(jac: np.ndarray) -> np.ndarray:
 
 def fit_law_joint(curves: list[Curve], points: list[CollapsePoint], *, chance: float | None,
                   fraction: float = 0.5, n_boot: int = 1000, confidence: float = 0.95,
-                  rng: np.random.Generator | None = None) -> LawFit:
+                  rng: np.random.Generator | None = None, terms: str = "auto") -> LawFit:
     """Fit the law to all located curves at once (module docstring); returns a LawFit whose
     coefficients and bootstrap replicates come from the joint problem."""
     rng = rng if rng is not None else np.random.default_rng(0)
     used = [(c, p) for c, p in zip(curves, points) if p.status == COLLAPSE]
-    sizes = sorted({p.model_params for _, p in used})
-    if len(sizes) < 2:
-        raise LawInputError(
-            f"no law can be fitted: {len(sizes)} model size(s) have a located collapse point "
-            "and at least 2 are needed; widen the infusion range so that retention falls within it"
-        )
     cs, ps = [c for c, _ in used], [p for _, p in used]
-    use_tokens = len({p.tokens for p in ps}) > 1
-    x = design_matrix([p.model_params for p in ps], [p.tokens for p in ps], use_tokens)
-    if np.linalg.matrix_rank(x) < x.shape[1]:
-        raise LawInputError(
-            "the located collapse points change model size and token budget together, so "
-            "their effects cannot be separated; add runs of one size at several budgets"
-        )
+    x, use_tokens, note = law_design(points, terms)
     yc = np.log10([p.collapse_infusion for p in ps])
     coef0, *_ = np.linalg.lstsq(x, yc, rcond=None)  # the two-stage line as the start
     prob = JointProblem(cs, ps, chance, fraction, use_tokens)
@@ -171,7 +159,7 @@ def fit_law_joint(curves: list[Curve], points: list[CollapsePoint], *, chance: f
     return LawFit(
         coef=coef, boot_coef=boot, use_tokens=use_tokens, confidence=confidence, points=ps,
         rms_log10_residual=float(np.sqrt(np.mean((yc - x @ coef) ** 2))),
-        dropped_replicates=0, method="joint",
+        dropped_replicates=0, method="joint", note=note,
     )
 
 

@@ -47,6 +47,7 @@ def law_json(a: Analysis) -> dict:
         "tokens_exponent": law.tokens_exponent,
         "tokens_exponent_ci": list(law.coef_ci(2)) if law.use_tokens else None,
         "form": law.form(),
+        "law_note": law.note or None,
         "collapse_points": [p.to_json() | {"used_in_fit": p.status == COLLAPSE} for p in a.points],
         "prediction": a.prediction,
         "heldout": a.heldout,
@@ -156,7 +157,10 @@ def report_markdown(a: Analysis) -> str:
     ]
     if law.use_tokens:
         lines.append(f"- exponent of D: c = {law.tokens_exponent:.4g}, {pct} CI {_ci(law.coef_ci(2))}")
-    lines += [f"- RMS residual in log10: {law.rms_log10_residual:.3g}", "", "## Held-out check", ""]
+    if law.note:
+        lines.append(f"- note: {law.note}")
+    lines += [f"- RMS residual in log10 (located collapse points about the law): "
+              f"{law.rms_log10_residual:.3g}", "", "## Held-out check", ""]
     h = a.heldout
     if not h.get("possible"):
         lines.append(f"Not possible: {h['reason']}.")

@@ -67,10 +67,16 @@ def test_bounds_are_excluded_and_one_size_is_an_error():
         fit_law([pts[0], pts[2]])
 
 
-def test_confounded_size_and_budget_is_an_error():
-    pts = [point(1e6, 1e9, 0.2), point(1e7, 1e10, 0.3)]
+def test_budgets_that_grow_with_size_give_a_law_in_n_alone():
+    # 20 tokens per parameter: D moves with N, so D cannot be a separate term.
+    pts = [point(n, 20 * n, 3e-3 * n**0.3) for n in (1e6, 1e7, 1e8)]
+    law = fit_law(pts)
+    assert not law.use_tokens and law.exponent == pytest.approx(0.3)
+    assert "cannot be separated" in law.note and "20" in law.note
     with pytest.raises(LawInputError, match="cannot be separated"):
-        fit_law(pts)
+        fit_law(pts, terms="N,D")
+    plain = fit_law([point(n, 1e9, 3e-3 * n**0.3) for n in (1e6, 1e7)], terms="N")
+    assert plain.note == "" and not plain.use_tokens
 
 
 def test_leave_largest_out_on_an_exact_law():
