@@ -81,8 +81,7 @@ def summarize(results: list[dict]) -> dict:
                 width_p=float(np.median([np.log10(r["p_hi"] / r["p_lo"]) for r in ok])))
 
 
-def run_methods(draws: int, workers: int) -> str:
-    methods = ("two-stage", "joint")
+def run_methods(draws: int, workers: int, methods=("two-stage", "joint")) -> str:
     jobs = [(name, d, methods) for name in SCENARIOS for d in range(draws)]
     per = {(name, m): [] for name in SCENARIOS for m in methods}
     with ProcessPoolExecutor(workers) as ex:
@@ -165,9 +164,10 @@ def main(argv=None) -> int:
     ap.add_argument("--draws", type=int, default=200)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--max-added", type=int, default=4, help="adaptive: runs added per curve at most")
+    ap.add_argument("--methods", default="two-stage,joint", help="methods: comma-separated fits")
     args = ap.parse_args(argv)
     t0 = time.time()
-    table = run_methods(args.draws, args.workers) if args.what == "methods" else \
+    table = run_methods(args.draws, args.workers, tuple(args.methods.split(","))) if args.what == "methods" else \
         run_adaptive(args.draws, args.workers, args.max_added)
     print(f"<!-- {datetime.date.today()}, {platform.processor() or platform.machine()}, "
           f"python {platform.python_version()}, numpy {np.__version__}; "

@@ -16,13 +16,15 @@ and b through its whole fall.  The curves and their data are those the per-curve
 two-stage fit.
 
 Intervals: a bootstrap over the measurements, refitting the whole problem per replicate.
-With repeated runs at a level (seeds), whole runs are resampled within their level
-(deviations from the level mean scaled by sqrt(k / (k - 1)) for k repeats, which undoes
-the shrinkage of resampling few values); without repeats, a wild bootstrap keeps every
-measurement at its own noise level (residual times a random sign, scaled by 1 / sqrt(1 -
-leverage)), which suits binomial noise that is large on the fall and small on the plateau.
-The simulations in benchmarks/bench_law_methods.py measured bias, coverage and prediction
-error of both fits; benchmarks/RESULTS.md records them.
+When the table says how many probes each accuracy was scored on (``n_probes``, which
+tools/extract_metrics.py writes), every run is redrawn from its fitted accuracy: binomial
+over its probes, widened to a beta-binomial by the overdispersion phi = max(1, Pearson
+chi^2 / residual degrees of freedom), which absorbs run-to-run (seed) noise beyond the
+probes' own.  Otherwise, with repeated runs at a level (seeds), whole runs are resampled
+within their level (deviations from the level mean scaled by sqrt(k / (k - 1)) for k
+repeats); without either, a wild bootstrap (residual times a random sign, scaled by
+1 / sqrt(1 - leverage)).  The simulations in benchmarks/bench_law_methods.py measured bias,
+coverage and prediction error of the fits and resamplers; benchmarks/RESULTS.md records them.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ class _CurveBlock:
     hi: np.ndarray
     start: np.ndarray  # start values of (plateau, [floor,] width)
     level_of: np.ndarray  # index of each measurement's level (for the run bootstrap)
+    n_probes: np.ndarray | None  # probes behind each accuracy, when known
 
 
 class JointProblem:
@@ -75,7 +78,8 @@ class JointProblem:
             start = np.clip(start, lo + 1e-9 * (hi - lo), hi - 1e-9 * (hi - lo))
             row = design_matrix(c.model_params, c.tokens, use_tokens)[0]
             _, level_of = np.unique(x, return_inverse=True)
-            self.blocks.append(_CurveBlock(x, y, row, lo, hi, start, level_of))
+            k = c.n_probes[keep] if c.n_probes is not None else None
+            self.blocks.append(_CurveBlock(x, y, row, lo, hi, start, level_of, k))
         self.y = np.concatenate([b.y for b in self.blocks])
         inf = np.full(self.k, np.inf)
         self.lo = np.concatenate([-inf] + [b.lo for b in self.blocks])
@@ -145,7 +149,9 @@ def fit_law_joint(curves: list[Curve], points: list[CollapsePoint], *, chance: f
 
     boot = np.empty((n_boot, prob.k))
     repeats = any(np.bincount(b.level_of).max() > 1 for b in prob.blocks)
-    if repeats:
+    if all(b.n_probes is not None for b in prob.blocks):
+        y_star_fn = _binomial_resampler(prob, fitted, theta.size, rng)
+    elif repeats:
         y_star_fn = _run_resampler(prob, rng)
     else:
         scaled = resid / np.sqrt(1.0 - _leverage(jac))
@@ -185,4 +191,27 @@ def _run_resampler(prob: JointProblem, rng: np.random.Generator):
             out.append(base + d)
         return np.concatenate(out)
 
+    return draw
+
+
+def _binomial_resampler(prob: JointProblem, fitted: np.ndarray, n_params: int,
+                        rng: np.random.Generator):
+    """Redraw every accuracy from its fitted value over its probes: binomial, or
+    beta-binomial with the overdispersion the residuals show (module docstring)."""
+    k = np.concatenate([b.n_probes for b in prob.blocks])
+    p = np.clip(fitted, 0.5 / k, 1.0 - 0.5 / k)
+    pearson = (prob.y - p) ** 2 / (p * (1.0 - p) / k)
+    dof = max(prob.y.size - n_params, 1)
+    phi = max(1.0, float(pearson.sum() / dof))
+    rho = np.where(k > 1, np.clip((phi - 1.0) / np.maximum(k - 1.0, 1.0), 0.0, 0.999), 0.0)
+    k_int = np.round(k).astype(np.int64)
+
+    def draw():
+        q = p
+        if phi > 1.0:
+            m = 1.0 / np.maximum(rho, 1e-12) - 1.0
+            q = np.where(rho > 0, rng.beta(np.maximum(p * m, 1e-9), np.maximum((1 - p) * m, 1e-9)), p)
+        return rng.binomial(k_int, q) / k
+
+    draw.phi = phi
     return draw

@@ -53,6 +53,17 @@ def _metric_value(key: str, value) -> float | None:
     return None
 
 
+def _probe_count(key: str, record: dict) -> float | None:
+    """How many probes an accuracy ``retention/<name>`` (or ``retention_heldout/<name>``) was
+    scored on, from the evaluator's ``probes/<name>`` (``probes_heldout/<name>``) count; the
+    joint fit uses it for the binomial noise of each measurement."""
+    kind, _, name = key.partition("/")
+    if kind not in ("retention", "retention_heldout") or not name:
+        return None
+    count = record.get(f"probes{kind[len('retention'):]}/{name}")
+    return float(count) if isinstance(count, (int, float)) and count > 0 else None
+
+
 def _exposures(train_record: dict) -> dict:
     """``exposures`` (mean exposures per domain fact) and per-source columns.  The trainer
     logs ``exposures/<source>/mean`` per domain source; with one source that is the
@@ -269,6 +280,7 @@ def read_run(run_dir: str, all_evals: bool = False) -> tuple[list[dict], str | N
                 "infusion": float(inf["value"]),
                 "metric": key,
                 "value": value,
+                "n_probes": _probe_count(key, evals[step]),
                 "run_id": info.get("run_id") or os.path.basename(os.path.normpath(run_dir)),
                 "step": step,
                 **exposures,

@@ -75,7 +75,7 @@ class TrueCurve:
                 rows.append({
                     "model_params": self.model_params, "tokens": self.tokens,
                     "infusion": float(level), "metric": s.metric,
-                    "value": rng.binomial(n_probes, p) / n_probes, "seed": seed,
+                    "value": rng.binomial(n_probes, p) / n_probes, "seed": seed, "n_probes": n_probes,
                     "run_id": f"n{self.model_params:g}-d{self.tokens:g}-x{level:g}-s{seed}",
                 })
         return rows
@@ -103,5 +103,6 @@ def rows_to_curve(rows: list[dict]) -> Curve:
     r0 = rows[0]
     x = np.array([r["infusion"] for r in rows], dtype=float)
     y = np.array([r["value"] for r in rows], dtype=float)
+    k = np.array([r["n_probes"] for r in rows], dtype=float)
     order = np.argsort(x, kind="stable")
-    return Curve(r0["model_params"], r0["tokens"], x[order], y[order])
+    return Curve(r0["model_params"], r0["tokens"], x[order], y[order], k[order])

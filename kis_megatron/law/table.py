@@ -5,7 +5,8 @@ One row per measurement: a metric (e.g. ``retention/domain``) of one run of one 
 The five columns ``model_params, tokens, infusion, metric, value`` are all that fitting
 needs, so tables written by other frameworks work too; ``run_id``, ``step``, ``exposures``
 (mean exposures per domain fact), ``infusion_kind`` (which knob the study varied) and
-``seed`` are provenance.
+``seed`` are provenance; ``n_probes`` (how many probes an accuracy was scored on) lets the
+joint fit model each measurement's binomial noise.
 
 ``tokens`` is the run's token budget, not the tokens seen so far in a noisy count: runs of
 one budget must carry the same value, because collapse curves are grouped by
@@ -26,8 +27,8 @@ from kis_megatron.errors import KisError
 from kis_megatron.utils import atomic_write_bytes, atomic_write_text
 
 REQUIRED_COLUMNS = ("model_params", "tokens", "infusion", "metric", "value")
-COLUMNS = REQUIRED_COLUMNS + ("run_id", "step", "exposures", "infusion_kind", "seed")
-_NUMERIC = {"model_params", "tokens", "infusion", "value", "step", "exposures", "seed"}
+COLUMNS = REQUIRED_COLUMNS + ("run_id", "step", "exposures", "infusion_kind", "seed", "n_probes")
+_NUMERIC = {"model_params", "tokens", "infusion", "value", "step", "exposures", "seed", "n_probes"}
 
 
 class LawInputError(KisError, ValueError):
@@ -44,6 +45,7 @@ class Curve:
     tokens: float
     infusion: np.ndarray  # (n,) > 0
     value: np.ndarray  # (n,)
+    n_probes: np.ndarray | None = None  # (n,) probes behind each value, when known
 
     @property
     def label(self) -> str:
@@ -220,8 +222,10 @@ def select_curves(
     for (n, d), rs in sorted(groups.items()):
         x = np.array([r["infusion"] for r in rs], dtype=float)
         y = np.array([r["value"] for r in rs], dtype=float)
+        k = np.array([np.nan if r.get("n_probes") is None else r["n_probes"] for r in rs], dtype=float)
         order = np.argsort(x, kind="stable")
-        c = Curve(n, d, x[order], y[order])
+        known = bool(np.all(np.isfinite(k) & (k >= 1)))
+        c = Curve(n, d, x[order], y[order], k[order] if known else None)
         if np.unique(c.infusion).size < 4:
             raise LawInputError(
                 f"{c.label} has {np.unique(c.infusion).size} distinct infusion level(s); "
