@@ -57,6 +57,7 @@ Validation (``tools/sweep.py FILE --validate LAW_JSON``; sweep_validate.py)::
       axis: infusion             # the levels' axis (default: refine's axis)
       levels: 5                  # runs centred on the predicted collapse point
       spacing: 0.2               # decades between levels
+      refine_runs: 2             # extra runs --refine may add to this curve (default: refine's max_runs)
       out: out/validate_runs     # default: <out>_validate
 
 It predicts the validation model's collapse point from the fitted law (N counted on the meta

@@ -209,16 +209,22 @@ class ValidateSpec:
     axis: str = ""  # the infusion axis whose levels are generated (default: refine's axis)
     levels: int = 5
     spacing: float = 0.2  # decades
+    refine_runs: int | None = None  # extra runs for the validation curve (None: refine's max_runs)
 
 
 def parse_validate(where: str, doc, axes: dict[str, Axis], refine: RefineSpec | None, out: Path) -> ValidateSpec:
     here = f"{where}: validate"
     if not isinstance(doc, dict):
-        raise ConfigError(f"{here} must be a mapping (model, model_axis, axis, levels, spacing, out)")
-    unknown = set(doc) - {"model", "model_axis", "axis", "levels", "spacing", "out"}
+        raise ConfigError(f"{here} must be a mapping (model, model_axis, axis, levels, spacing, "
+                          "refine_runs, out)")
+    unknown = set(doc) - {"model", "model_axis", "axis", "levels", "spacing", "refine_runs", "out"}
     if unknown:
         raise ConfigError(f"{here}: unknown keys {sorted(unknown)}; use model, model_axis, axis, "
-                          "levels, spacing, out")
+                          "levels, spacing, refine_runs, out")
+    refine_runs = doc.get("refine_runs")
+    if refine_runs is not None and (isinstance(refine_runs, bool) or not isinstance(refine_runs, int)
+                                    or refine_runs < 0):
+        raise ConfigError(f"{here}: 'refine_runs' must be an integer >= 0, got {refine_runs!r}")
     model = doc.get("model")
     if not isinstance(model, dict) or "name" not in model or set(model) - {"name", "overrides"}:
         raise ConfigError(f"{here}: 'model' is one point {{name: ..., overrides: {{...}}}}, got {model!r}")
@@ -242,4 +248,5 @@ def parse_validate(where: str, doc, axes: dict[str, Axis], refine: RefineSpec | 
         raise ConfigError(f"{here}: 'out' ({vout}) must be a directory apart from the ladder's out ({out}), "
                           "so that the ladder's runs and the validation runs never mix")
     point = Point(str(model["name"]), dict(overrides))
-    return ValidateSpec(model=point, out=vout, model_axis=model_axis, axis=axis, levels=levels, spacing=spacing)
+    return ValidateSpec(model=point, out=vout, model_axis=model_axis, axis=axis, levels=levels,
+                        spacing=spacing, refine_runs=refine_runs)

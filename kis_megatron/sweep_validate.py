@@ -20,6 +20,7 @@ never deletes a run.  When the runs have finished, ``tools/fit_law.py --runs LAD
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -86,8 +87,11 @@ def validation_sweep(sweep: Sweep, law_path: str | Path, *, force_new_plan: bool
     law, sha = read_law(law_path)
     axes: dict[str, Axis] = {a: (Axis(a, [spec.model]) if a == spec.model_axis else ax)
                              for a, ax in sweep.axes.items()}
+    refine = sweep.refine
+    if refine is not None and spec.refine_runs is not None:
+        refine = dataclasses.replace(refine, max_runs=spec.refine_runs)
     vsweep = Sweep(base=sweep.base, out=spec.out, path=sweep.path, common=dict(sweep.common),
-                   axes=axes, refine=sweep.refine, kind="validation")
+                   axes=axes, refine=refine, kind="validation")
     seed_axis = sweep.refine.seed_axis if sweep.refine else None
     level_axis = axes[spec.axis]
     others = [a for a in axes if a not in (spec.model_axis, spec.axis, seed_axis)]

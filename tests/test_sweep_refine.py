@@ -324,6 +324,7 @@ def test_validation_needs_a_section_and_a_law(tmp_path):
                              ({**VALIDATE, "out": str(tmp_path / "runs" / "v")},
                               "'out' .* must be a directory apart from the ladder's out"),
                              ({**VALIDATE, "levels": 0}, "'levels' must be an integer >= 1"),
+                             ({**VALIDATE, "refine_runs": -1}, "'refine_runs' must be an integer >= 0"),
                              ({**VALIDATE, "model": {"name": "x", "overides": {}}}, "'model' is one point")]:
         with pytest.raises(ConfigError, match="sweep.yaml: validate: " + needle):
             load_sweep(write_sweep(tmp_path, {"model": MODELS, "infusion": VALUE}, refine=REFINE,
@@ -343,6 +344,10 @@ def test_validation_curve_is_refined_and_resumed(tmp_path):
     again = validation_sweep(load_sweep(path), law, log=lambda s: None)
     assert [r.run_id for r in again.runs[-2:]] == [r.run_id for r in step.new_runs]
     assert len(load_sweep(path).runs) == 2 * 4 * 2  # the ladder is untouched
+    capped = write_sweep(tmp_path, {"model": MODELS, "infusion": VALUE, "seed": SEEDS},
+                         refine={**REFINE, "seed_axis": "seed"}, validate={**VALIDATE, "refine_runs": 0})
+    assert validation_sweep(load_sweep(capped), law, log=lambda s: None).refine.max_runs == 0
+    assert load_sweep(capped).refine.max_runs == REFINE.get("max_runs", 8)  # the ladder keeps its own
 
 
 # ---------------------------------------------------------------------------- end to end
