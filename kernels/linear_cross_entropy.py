@@ -129,6 +129,14 @@ def _default_chunk(n_rows: int, hidden_size: int, vocab_local: int) -> int:
     return max(1, min(n_rows, rows))
 
 
+def linear_cross_entropy_launch_config(vocab_local: int) -> dict:
+    """BLOCK_V and num_warps of both row kernels for a (shard of the) vocabulary of
+    ``vocab_local`` columns: up to 4096 columns per loop step. A pure function (see
+    ``kernels.aot``)."""
+    block_v = min(next_power_of_2(vocab_local), _MAX_BLOCK_V)
+    return {"BLOCK_V": block_v, "num_warps": 8 if block_v >= 2048 else 4}
+
+
 def linear_cross_entropy_forward(
     hidden, weight, target, ignore_index=-100, group=None, chunk_size=None,
     need_grad_hidden=True, need_grad_weight=True,
@@ -147,8 +155,7 @@ def linear_cross_entropy_forward(
     vocab_start = rank * vocab_local
     device = hidden.device
     chunk = chunk_size or _default_chunk(n_rows, hidden_size, vocab_local)
-    block_v = min(next_power_of_2(vocab_local), _MAX_BLOCK_V)
-    num_warps = 8 if block_v >= 2048 else 4
+    launch = linear_cross_entropy_launch_config(vocab_local)
     need_grads = need_grad_hidden or need_grad_weight
 
     grad_hidden = torch.empty_like(hidden) if need_grad_hidden else None
@@ -165,7 +172,7 @@ def linear_cross_entropy_forward(
         row_max, row_sumexp, row_target = stats_buf[:, :rows]
         _ce_stats_kernel[(rows,)](
             logits, logits.stride(0), t, row_max, row_sumexp, row_target,
-            vocab_local, vocab_start, ignore_index, BLOCK_V=block_v, num_warps=num_warps,
+            vocab_local, vocab_start, ignore_index, **launch,
         )
         lse, tgt = _global_lse(row_max, row_sumexp, row_target, group)
         loss_rows[start:end] = torch.where(t != ignore_index, lse - tgt, 0.0)
@@ -173,7 +180,7 @@ def linear_cross_entropy_forward(
             continue
         _ce_grad_kernel[(rows,)](
             logits, logits.stride(0), t, lse,
-            vocab_local, vocab_start, ignore_index, BLOCK_V=block_v, num_warps=num_warps,
+            vocab_local, vocab_start, ignore_index, **launch,
         )
         if grad_hidden is not None:
             torch.mm(logits, weight, out=grad_hidden[start:end])
