@@ -121,7 +121,7 @@ def _global_lse(row_max, row_sumexp, row_target, group):
 _MIN_CHUNK_ELEMENTS = 2**22  # logits chunks below this only add launches and small matmuls
 
 
-def _default_chunk(n_rows: int, hidden_size: int, vocab_local: int) -> int:
+def default_chunk_rows(n_rows: int, hidden_size: int, vocab_local: int) -> int:
     """Rows per chunk: the logits chunk holds about as many elements as ``hidden`` (Liger's
     rule), but at least ~4M elements, so small problems are not cut into tiny matmuls."""
     rows = next_power_of_2(cdiv(n_rows, cdiv(vocab_local, hidden_size)))
@@ -154,7 +154,7 @@ def linear_cross_entropy_forward(
     rank, _ = _shard(group)
     vocab_start = rank * vocab_local
     device = hidden.device
-    chunk = chunk_size or _default_chunk(n_rows, hidden_size, vocab_local)
+    chunk = chunk_size or default_chunk_rows(n_rows, hidden_size, vocab_local)
     launch = linear_cross_entropy_launch_config(vocab_local)
     need_grads = need_grad_hidden or need_grad_weight
 
@@ -246,7 +246,7 @@ class _ChunkedReferenceFunction(torch.autograd.Function):
         vocab_local = weight.shape[0]
         vocab_start = _shard(group)[0] * vocab_local
         compute = torch.promote_types(hidden.dtype, torch.float32)
-        chunk = chunk_size or _default_chunk(n_rows, hidden_size, vocab_local)
+        chunk = chunk_size or default_chunk_rows(n_rows, hidden_size, vocab_local)
         w = weight.to(compute)
         loss_rows = torch.zeros(n_rows, dtype=compute, device=hidden.device)
         grad_hidden = torch.empty_like(hidden, dtype=compute) if need_h else None
