@@ -198,7 +198,9 @@ def activation_bytes(cfg: Config, layout: Layout, stage: dict, cuda: bool, bf16:
     per_mb = stage["layers"] * kept
     if layout.pp > 1 and not stage["last"]:
         per_mb += Nr * h * 4  # the stage output, kept by the schedule for the backward
-    transient = block if t.recompute == "full" else 0
+    # Full recomputation: one block's activations rebuilt in the backward, and the gradient
+    # flowing into it (its own saved tensors are freed as its backward proceeds).
+    transient = block + Nr * h * 4 if t.recompute == "full" else 0
     if stage["first"]:
         per_mb += N * 9  # token ids (int64) and the vocabulary-shard mask
     if stage["last"]:
