@@ -400,7 +400,10 @@ def warn_if_unfit(cfg: Config, world: int, device: torch.device) -> str | None:
     if device.type != "cuda":
         return None
     total = torch.cuda.get_device_properties(device).total_memory
-    p = plan(cfg, world, "h100", 0.4)  # the GPU's name only sets the peak FLOP/s, unused here
+    try:
+        p = plan(cfg, world, "h100", 0.4)  # the GPU's name only sets the peak FLOP/s, unused here
+    except Exception as e:  # a planner bug must not stop a run; the trainer checks the layout itself
+        return f"warning: no memory plan for this layout ({type(e).__name__}: {e})"
     need = p["memory_bytes_per_rank"]["total"]
     if need <= USABLE * total:
         return None

@@ -199,3 +199,16 @@ def test_parameters_per_rank_match_a_real_tp2_model_and_zero1_partition(tmp_path
                              "train.micro_batch=16"])
     p = P.plan(cfg, 2, gpu=None)
     assert max(r["zero1_elems"] for r in results) * 8 == p["memory_bytes_per_rank"]["optimizer"]
+
+
+def test_a_cuda_run_is_warned_before_it_builds_the_model(monkeypatch):
+    """The trainer calls warn_if_unfit with its device and world size before building."""
+    import types
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(total_memory=80 * 2**30))
+    common = ["model.preset=7b", "data.seq_len=4096", "train.micro_batch=1", "train.global_batch=8"]
+    cuda = torch.device("cuda", 0)  # only its type and properties are read
+    msg = P.warn_if_unfit(load_config(None, common), 1, cuda)
+    assert msg.startswith("warning: the plan of this layout needs") and "--plan" in msg
+    assert P.warn_if_unfit(load_config(None, common + ["parallel.tp=8"]), 8, cuda) is None
+    assert P.warn_if_unfit(load_config(None, common), 1, torch.device("cpu")) is None

@@ -79,6 +79,14 @@ def test_recomputation_happens_in_backward_only(monkeypatch, mode):
     assert len(calls) == CFG.n_layers
 
 
+def test_the_config_key_is_checked():
+    from kis_megatron.config import ConfigError, load_config
+
+    assert load_config(None, []).train.recompute == "none"
+    with pytest.raises(ConfigError, match="train.recompute: 'most' is not one of none, selective"):
+        load_config(None, ["train.recompute=most"])
+
+
 def test_applying_twice_is_once_and_a_bad_mode_is_refused():
     model = build_model(CFG, seed=3)
     apply_recompute(model, "full")
