@@ -1,7 +1,7 @@
-"""Memory of a tensor-parallel checkpoint save at tp=2 on CPU (gloo), against the bytes of
-the parameters: the shard-native save (each rank hands DCP its shards as DTensors) next to
-the previous scheme (all-gather every shard into full tensors, then save), run in the same
-processes on the same model and optimizer state.
+"""Memory of a tensor-parallel checkpoint save (and load) at tp=2 on CPU (gloo), against the
+bytes of the parameters: the shard-native save (each rank hands DCP its shards as DTensors)
+next to the previous scheme (all-gather every shard into full tensors, then save; load into
+full-size buffers, then slice), run in the same processes on the same model and state.
 
     python benchmarks/bench_checkpoint_memory.py                 # launches 2 ranks itself
     python benchmarks/bench_checkpoint_memory.py --dim 512 --layers 4
@@ -69,7 +69,7 @@ def worker(args) -> None:
 
     from kis_megatron.config import ModelConfig, TrainConfig
     from kis_megatron.model.llama import build_model
-    from kis_megatron.parallel.tensor_parallel import apply_tp, full_of
+    from kis_megatron.parallel.tensor_parallel import apply_tp, full_of, shard_of
     from kis_megatron.training import checkpoint as ck
     from kis_megatron.training.memory import LiveTensorBytes
     from kis_megatron.training.optim import build_optimizer
@@ -101,10 +101,24 @@ def worker(args) -> None:
             container[key] = full_of(container[key], dim, group)
         dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(root / "gathered"))
 
+    def gathered_load():  # the previous scheme: full-size buffers, then this rank's slice
+        msd, osd = get_state_dict(model, opt, options=ck._FLAT)
+        state = {"model": dict(msd), "optim": dict(osd)}
+        sharded = list(ck._sharded_entries(model, state["model"], state["optim"]))
+        for container, key, dim in sharded:
+            shape = list(container[key].shape)
+            shape[dim] *= dist.get_world_size(group)
+            container[key] = container[key].new_empty(shape)
+        dcp.load(state, checkpoint_id=str(root / "gathered"))
+        for container, key, dim in sharded:
+            container[key] = shard_of(container[key], dim, group)
+
     manager = ck.CheckpointManager(root / "sharded", keep=1, tp_group=group)
     results = {"rank": rank, "params": params, "optimizer": state}
     results["sharded"] = measure(lambda: manager.save(1, model, opt, {}))
     results["gathered"] = measure(gathered)
+    results["sharded_load"] = measure(lambda: manager.load(root / "sharded" / "step_00000001", model, opt))
+    results["gathered_load"] = measure(gathered_load)
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, results)
     if rank == 0:
@@ -142,11 +156,12 @@ def main(argv=None) -> int:
           f"fp32, tp=2; AdamW state after one step")
     print(f"- command: `python benchmarks/bench_checkpoint_memory.py {' '.join(argv or sys.argv[1:])}`".rstrip())
     print()
-    print("| rank | parameters held (MiB) | AdamW state (MiB) | save | tensor bytes allocated, peak (MiB) | "
+    print("| rank | parameters held (MiB) | AdamW state (MiB) | operation | tensor bytes allocated, peak (MiB) | "
           "resident memory rise, peak (MiB) |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        for scheme, label in (("sharded", "shard-native (DTensor)"), ("gathered", "gather to full (before)")):
+        for scheme, label in (("sharded", "save, shard-native (DTensor)"), ("gathered", "save, gather to full (before)"),
+                              ("sharded_load", "load, shard-native"), ("gathered_load", "load, full buffers (before)")):
             print(f"| {r['rank']} | {r['params'] / MB:.0f} | {r['optimizer'] / MB:.0f} | {label} | "
                   f"{r[scheme]['tensor_peak'] / MB:.1f} | {r[scheme]['rss_rise'] / MB:.1f} |")
     return 0
