@@ -159,10 +159,11 @@ print(json.dumps(out))
 
 
 PER_RANK = """
-import json, sys, torch, torch.distributed as dist
+import gc, json, sys, torch, torch.distributed as dist
 from kis_megatron.config import load_config
 from kis_megatron.model.llama import build_model
 from kis_megatron.parallel.tensor_parallel import apply_tp
+from kis_megatron.training.memory import LiveTensorBytes
 from kis_megatron.training.optim import build_optimizer
 
 dist.init_process_group("gloo")
@@ -172,6 +173,14 @@ for tie in ("false", "true"):
     cfg = load_config(sys.argv[1], ["model.tie_embeddings=" + tie, "model.n_kv_heads=2"])
     model = build_model(cfg.model, seed=0, parallelize=lambda m: apply_tp(m, group))
     out["tp2_tie_" + tie] = sum(p.numel() for p in model.parameters())
+for sp in (False, True):  # activations kept by one micro-batch at tp=2, with and without sp
+    cfg = load_config(sys.argv[1], ["model.n_kv_heads=2", "train.micro_batch=8"])
+    model = build_model(cfg.model, seed=0, parallelize=lambda m: apply_tp(m, group, sequence_parallel=sp))
+    tokens = torch.randint(0, cfg.model.vocab_size, (8, cfg.data.seq_len + 1), generator=torch.Generator().manual_seed(0))
+    with LiveTensorBytes() as mem:
+        loss = model(tokens[:, :-1], tokens[:, 1:])
+        gc.collect()
+        out["kept_sp_" + str(sp)] = mem.live
 model = build_model(cfg.model, seed=0)  # ZeRO-1 over dp = 2: the largest rank's state
 opt = build_optimizer(model, cfg.train, torch.device("cpu"), zero_group=group)
 for p in model.parameters():
@@ -195,6 +204,13 @@ def test_parameters_per_rank_match_a_real_tp2_model_and_zero1_partition(tmp_path
         cfg = load_config(TINY, [f"model.tie_embeddings={tie}", "model.n_kv_heads=2", "parallel.tp=2"])
         p = P.plan(cfg, 2, gpu=None)
         assert all(r[f"tp2_tie_{tie}"] == p["params_per_rank"] for r in results)
+    for sp in (False, True):  # activations under tensor (and sequence) parallelism, measured
+        cfg = load_config(TINY, ["model.n_kv_heads=2", "train.micro_batch=8", "parallel.tp=2", f"parallel.sp={sp}"])
+        layout = P.resolve_layout(cfg, 2)
+        est = P.activation_bytes(cfg, layout, P.stage_parameters(cfg, layout)[0], cuda=False, bf16=False)
+        for r in results:
+            kept = r[f"kept_sp_{sp}"]
+            assert abs(est["per_microbatch"] - kept) <= 0.02 * kept, (sp, est, kept)
     cfg = load_config(TINY, ["model.n_kv_heads=2", "model.tie_embeddings=true", "parallel.zero1=true",
                              "train.micro_batch=16"])
     p = P.plan(cfg, 2, gpu=None)
