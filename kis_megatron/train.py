@@ -350,6 +350,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100")
     plan.add_arguments(parser)
     args = parser.parse_args(argv)
+    if args.json and not args.plan:
+        parser.error("--json goes with --plan")
     try:
         cfg = load_config(args.config, args.overrides)
         if args.plan:
