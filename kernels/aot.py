@@ -164,7 +164,7 @@ def _specialise(fn, launch: Launch) -> tuple[dict, dict, dict]:
     from triton.backends.compiler import BaseBackend
 
     given = dict(launch.args) | dict(launch.constexprs)
-    if list(given) != list(fn.arg_names) and sorted(given) != sorted(fn.arg_names):
+    if sorted(given) != sorted(fn.arg_names):
         raise ValueError(f"{launch.kernel}: launch describes {sorted(given)}, the kernel takes "
                          f"{fn.arg_names}: update kernels/aot.py with the kernel")
     consts = dict(launch.constexprs)
