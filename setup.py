@@ -4,9 +4,11 @@ Install torch first (``pip install torch==2.13.0`` for the CPU build, or keep th
 build you have): the range below is satisfied by both, so pip never swaps it out.
 
 The floor is the oldest torch whose APIs the code uses: ``return_outputs`` of the pipelining
-schedules' ``step`` (added after torch 2.9, pytorch/pytorch#159251), besides older ones
-(``scale_grads`` of the schedules, 2.7; ``enable_gqa`` of scaled_dot_product_attention and
-the public ``torch.distributed.tensor`` DTensor API, 2.5). Tested: 2.13.0 only (README).
+schedules' ``step`` (pytorch/pytorch#159251 asked for it and was still being worked on in
+October 2025, after 2.9's release, so 2.10 is the first release that can have it; inferred
+from that thread, not checked on a 2.10 install), besides older ones (``scale_grads`` of the
+schedules, 2.7; ``enable_gqa`` of scaled_dot_product_attention and the public
+``torch.distributed.tensor`` DTensor API, 2.5). Tested: 2.13.0 only (README).
 """
 
 from setuptools import find_packages, setup
