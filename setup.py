@@ -2,6 +2,13 @@
 
 Install torch first (``pip install torch==2.13.0`` for the CPU build, or keep the CUDA
 build you have): the range below is satisfied by both, so pip never swaps it out.
+
+The floor is the oldest torch whose APIs the code uses: ``return_outputs`` of the pipelining
+schedules' ``step`` (pytorch/pytorch#159251 asked for it and was still being worked on in
+October 2025, after 2.9's release, so 2.10 is the first release that can have it; inferred
+from that thread, not checked on a 2.10 install), besides older ones (``scale_grads`` of the
+schedules, 2.7; ``enable_gqa`` of scaled_dot_product_attention and the public
+``torch.distributed.tensor`` DTensor API, 2.5). Tested: 2.13.0 only (README).
 """
 
 from setuptools import find_packages, setup
@@ -14,7 +21,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["kis_megatron", "kis_megatron.*", "kernels", "kernels.*"]),
     install_requires=[
-        "torch>=2.4,<3",
+        "torch>=2.10,<3",
         "numpy>=1.24",
         "pyyaml>=6",
         "tqdm>=4.60",

@@ -121,12 +121,20 @@ def _global_lse(row_max, row_sumexp, row_target, group):
 _MIN_CHUNK_ELEMENTS = 2**22  # logits chunks below this only add launches and small matmuls
 
 
-def _default_chunk(n_rows: int, hidden_size: int, vocab_local: int) -> int:
+def default_chunk_rows(n_rows: int, hidden_size: int, vocab_local: int) -> int:
     """Rows per chunk: the logits chunk holds about as many elements as ``hidden`` (Liger's
     rule), but at least ~4M elements, so small problems are not cut into tiny matmuls."""
     rows = next_power_of_2(cdiv(n_rows, cdiv(vocab_local, hidden_size)))
     rows = max(rows, _MIN_CHUNK_ELEMENTS // vocab_local)
     return max(1, min(n_rows, rows))
+
+
+def linear_cross_entropy_launch_config(vocab_local: int) -> dict:
+    """BLOCK_V and num_warps of both row kernels for a (shard of the) vocabulary of
+    ``vocab_local`` columns: up to 4096 columns per loop step. A pure function (see
+    ``kernels.aot``)."""
+    block_v = min(next_power_of_2(vocab_local), _MAX_BLOCK_V)
+    return {"BLOCK_V": block_v, "num_warps": 8 if block_v >= 2048 else 4}
 
 
 def linear_cross_entropy_forward(
@@ -146,9 +154,8 @@ def linear_cross_entropy_forward(
     rank, _ = _shard(group)
     vocab_start = rank * vocab_local
     device = hidden.device
-    chunk = chunk_size or _default_chunk(n_rows, hidden_size, vocab_local)
-    block_v = min(next_power_of_2(vocab_local), _MAX_BLOCK_V)
-    num_warps = 8 if block_v >= 2048 else 4
+    chunk = chunk_size or default_chunk_rows(n_rows, hidden_size, vocab_local)
+    launch = linear_cross_entropy_launch_config(vocab_local)
     need_grads = need_grad_hidden or need_grad_weight
 
     grad_hidden = torch.empty_like(hidden) if need_grad_hidden else None
@@ -165,7 +172,7 @@ def linear_cross_entropy_forward(
         row_max, row_sumexp, row_target = stats_buf[:, :rows]
         _ce_stats_kernel[(rows,)](
             logits, logits.stride(0), t, row_max, row_sumexp, row_target,
-            vocab_local, vocab_start, ignore_index, BLOCK_V=block_v, num_warps=num_warps,
+            vocab_local, vocab_start, ignore_index, **launch,
         )
         lse, tgt = _global_lse(row_max, row_sumexp, row_target, group)
         loss_rows[start:end] = torch.where(t != ignore_index, lse - tgt, 0.0)
@@ -173,7 +180,7 @@ def linear_cross_entropy_forward(
             continue
         _ce_grad_kernel[(rows,)](
             logits, logits.stride(0), t, lse,
-            vocab_local, vocab_start, ignore_index, BLOCK_V=block_v, num_warps=num_warps,
+            vocab_local, vocab_start, ignore_index, **launch,
         )
         if grad_hidden is not None:
             torch.mm(logits, weight, out=grad_hidden[start:end])
@@ -239,7 +246,7 @@ class _ChunkedReferenceFunction(torch.autograd.Function):
         vocab_local = weight.shape[0]
         vocab_start = _shard(group)[0] * vocab_local
         compute = torch.promote_types(hidden.dtype, torch.float32)
-        chunk = chunk_size or _default_chunk(n_rows, hidden_size, vocab_local)
+        chunk = chunk_size or default_chunk_rows(n_rows, hidden_size, vocab_local)
         w = weight.to(compute)
         loss_rows = torch.zeros(n_rows, dtype=compute, device=hidden.device)
         grad_hidden = torch.empty_like(hidden, dtype=compute) if need_h else None

@@ -96,15 +96,15 @@ def _rows(t: torch.Tensor, n_cols: int) -> torch.Tensor:
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
-def _block(n_cols: int) -> int:
+def rms_norm_launch_config(n_cols: int) -> dict:
+    """BLOCK and num_warps of both kernels for rows of ``n_cols`` elements: the whole row
+    in one block; more warps for longer rows (2-16 elements per thread up to 8192).
+    A pure function, so the ahead-of-time compile check (``kernels.aot``) builds exactly
+    what the launchers launch."""
     block = next_power_of_2(n_cols)
     if block > _MAX_BLOCK:
         raise ValueError(f"rms_norm: rows of {n_cols} elements exceed the kernel's limit of {_MAX_BLOCK}")
-    return block
-
-
-def _num_warps(block: int) -> int:
-    return 4 if block <= 2048 else 8 if block <= 8192 else 16
+    return {"BLOCK": block, "num_warps": 4 if block <= 2048 else 8 if block <= 8192 else 16}
 
 
 def _num_programs(n_rows: int, device: torch.device) -> int:
@@ -130,11 +130,10 @@ def rms_norm_forward(x, weight, eps, residual=None):
     else:
         r2, s2 = x2, x2
     if n_rows > 0:
-        block = _block(n_cols)
         _rms_norm_forward_kernel[(n_rows,)](
             x2, x2.stride(0), r2, r2.stride(0), s2, s2.stride(0), weight, y, y.stride(0), rstd,
             n_cols, eps,
-            HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=_num_warps(block),
+            HAS_RESIDUAL=residual is not None, **rms_norm_launch_config(n_cols),
         )
     s = s2.view(x.shape) if residual is not None else x
     return y.view(x.shape), s, rstd
@@ -152,12 +151,11 @@ def rms_norm_backward(dy, s, weight, rstd, dsum=None):
     dw_partial = torch.zeros((n_prog, n_cols), dtype=torch.float32, device=s.device)
     dsum2 = _rows(dsum, n_cols) if dsum is not None else dy2
     if n_rows > 0:
-        block = _block(n_cols)
         _rms_norm_backward_kernel[(n_prog,)](
             dy2, dy2.stride(0), s2, s2.stride(0), weight, rstd, dx, dx.stride(0),
             dsum2, dsum2.stride(0), dw_partial,
             n_rows, n_cols, cdiv(n_rows, n_prog),
-            HAS_DSUM=dsum is not None, BLOCK=block, num_warps=_num_warps(block),
+            HAS_DSUM=dsum is not None, **rms_norm_launch_config(n_cols),
         )
     dweight = dw_partial.sum(0).to(weight.dtype)
     return dx.view(s.shape), dweight

@@ -50,6 +50,13 @@ def _rope_kernel(
     tl.store(y_ptr + half, (x2 * cos + x1 * sin).to(Y.dtype.element_ty), mask=mask)
 
 
+def rope_launch_config(n_heads: int, head_dim: int) -> dict:
+    """BLOCK_H, BLOCK_D and num_warps for one (batch, position) program over all heads: the
+    whole (heads x head_dim / 2) tile in one block. A pure function (see ``kernels.aot``)."""
+    block_h, block_d = next_power_of_2(n_heads), next_power_of_2(head_dim // 2)
+    return {"BLOCK_H": block_h, "BLOCK_D": block_d, "num_warps": 4 if block_h * block_d <= 4096 else 8}
+
+
 def _rotate(x, cos, sin, sign: float):
     """Launch the kernel: rotate x by sign * theta. Returns a new contiguous tensor."""
     if x.stride(-1) != 1:
@@ -60,14 +67,11 @@ def _rotate(x, cos, sin, sign: float):
     sin = sin.contiguous()
     y = torch.empty((batch, seq, heads, head_dim), dtype=x.dtype, device=x.device)
     if y.numel() > 0:
-        block_h = next_power_of_2(heads)
-        block_d = next_power_of_2(half)
         _rope_kernel[(batch * seq,)](
             x, x.stride(0), x.stride(1), x.stride(2), y, y.stride(0), y.stride(1), y.stride(2),
             cos, sin, cos.stride(0),
             seq, heads, half,
-            SIGN=sign, BLOCK_H=block_h, BLOCK_D=block_d,
-            num_warps=4 if block_h * block_d <= 4096 else 8,
+            SIGN=sign, **rope_launch_config(heads, head_dim),
         )
     return y
 

@@ -22,6 +22,12 @@ tl = None  # triton.language, bound by lazy_jit at the first launch (see kernels
 _BLOCK = 1024
 
 
+def swiglu_launch_config() -> dict:
+    """BLOCK and num_warps of both kernels: 1024 elements per program whatever the shape
+    (elementwise; 8 per thread). A pure function (see ``kernels.aot``)."""
+    return {"BLOCK": _BLOCK, "num_warps": 4}
+
+
 @lazy_jit
 def _swiglu_forward_kernel(GATE, UP, Y, n_elements, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -53,7 +59,7 @@ def swiglu_forward(gate, up):
     y = torch.empty_like(gate)
     n = gate.numel()
     if n > 0:
-        _swiglu_forward_kernel[(cdiv(n, _BLOCK),)](gate, up, y, n, BLOCK=_BLOCK)
+        _swiglu_forward_kernel[(cdiv(n, _BLOCK),)](gate, up, y, n, **swiglu_launch_config())
     return y
 
 
@@ -66,7 +72,7 @@ def swiglu_backward(dy, gate, up):
     dup = torch.empty_like(up)
     n = gate.numel()
     if n > 0:
-        _swiglu_backward_kernel[(cdiv(n, _BLOCK),)](dy, gate, up, dgate, dup, n, BLOCK=_BLOCK)
+        _swiglu_backward_kernel[(cdiv(n, _BLOCK),)](dy, gate, up, dgate, dup, n, **swiglu_launch_config())
     return dgate, dup
 
 

@@ -111,6 +111,7 @@ class TrainConfig:
     threads: int = 0  # torch intra-op threads on CPU; 0 = leave torch's default
     stop_after: int = 0  # end this job after that step (checkpointed), e.g. under a time limit
     compile: bool = False  # torch.compile each transformer block (torchtitan's per-block style)
+    recompute: str = "none"  # activations recomputed in backward: none | selective | full
 
 
 @dataclass
@@ -318,6 +319,8 @@ def validate(cfg: Config) -> None:
     _check(t.device in ("auto", "cpu", "cuda"), "train.device", "must be auto, cpu or cuda")
     _check(t.dtype in ("auto", "fp32", "bf16"), "train.dtype", "must be auto, fp32 or bf16")
     _check(t.grad_clip >= 0, "train.grad_clip", "must be >= 0")
+    _check(t.recompute in ("none", "selective", "full"), "train.recompute",
+           f"{t.recompute!r} is not one of none, selective (the attention core), full (each block)")
     _check(0 <= t.stop_after, "train.stop_after", "must be >= 0 (0 = run to train.steps)")
     _check(0 <= t.skip_nonfinite_steps, "train.skip_nonfinite_steps", "must be >= 0")
     _check(0 <= cfg.infusion.ratio < 1, "infusion.ratio", f"{cfg.infusion.ratio} is outside [0, 1)")
@@ -343,7 +346,7 @@ def validate(cfg: Config) -> None:
 RESUMABLE_KEYS = (
     "train.steps",  # longer or shorter: the lr schedule follows the new total from here on
     "train.stop_after", "train.skip_nonfinite_steps", "train.micro_batch",  # same global batch
-    "train.device", "train.dtype", "train.threads", "train.compile",
+    "train.device", "train.dtype", "train.threads", "train.compile", "train.recompute",
     "parallel.*",  # any layout resumes any checkpoint (full tensors under one naming)
     "checkpoint.*", "log.*",
     "eval.interval", "eval.probe_batch", "eval.exact_match",

@@ -39,6 +39,8 @@ from kis_megatron.data.stream import TrainStream, build_train_stream, build_vali
 from kis_megatron.errors import KisError, exit_with
 from kis_megatron.interop.hf import load_init
 from kis_megatron.model.llama import Dims, Transformer, build_model, compile_blocks, model_sizes
+from kis_megatron.model.recompute import apply_recompute
+from kis_megatron import plan
 from kis_megatron.parallel.data_parallel import all_reduce_grads, apply_ddp, no_grad_sync
 from kis_megatron.parallel.dims import ParallelDims, any_rank, destroy_distributed, from_rank0, init_distributed
 from kis_megatron.parallel.pipeline import Pipeline, PipelineLayout, check_microbatches, tied_embedding_group
@@ -107,6 +109,9 @@ class Trainer:
                               f"micro_batch * dp = {t.micro_batch * dp_size}")
         self.accum = t.global_batch // (t.micro_batch * dp_size)
         check_microbatches(self.accum, cfg.parallel)
+        unfit = plan.warn_if_unfit(cfg, self.dims.world_size, self.device)  # before anything is built
+        if unfit and self.is_main:
+            print(unfit, file=sys.stderr, flush=True)
 
         self.tp_group = self.dims.tp_group
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", keep=cfg.checkpoint.keep,
@@ -141,6 +146,7 @@ class Trainer:
             load_init(self.model, cfg.model.init_from)
         self.model_sizes = model_sizes(cfg.model, cfg.data.seq_len)  # of the whole model
         self.model.to(self.device)
+        apply_recompute(self.model, t.recompute)
         if t.compile:
             compile_blocks(self.model)
         self.pipeline: Optional[Pipeline] = None
@@ -429,9 +435,14 @@ def main(argv: Optional[list[str]] = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML config file")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100")
+    plan.add_arguments(parser)
     args = parser.parse_args(argv)
+    if args.json and not args.plan:
+        parser.error("--json goes with --plan")
     try:
         cfg = load_config(args.config, args.overrides)
+        if args.plan:
+            return plan.run(cfg, args)
         train(cfg)
     except (KisError, KernelBackendError) as e:  # a traceback past here is a bug
         return exit_with(e)

@@ -72,6 +72,15 @@ def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Te
     return angles.cos().float(), angles.sin().float()
 
 
+class CoreAttention(nn.Module):
+    """Causal softmax(q k^T / sqrt(hd)) v over (B, heads, T, hd) inputs, grouped-query when k
+    and v have fewer heads. No parameters: a module of its own so that selective
+    recomputation (``model/recompute.py``) can target it, as Megatron does."""
+
+    def forward(self, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.size(1) != k.size(1))
+
+
 class Attention(nn.Module):
     def __init__(self, d: Dims, fused: bool):
         super().__init__()
@@ -81,6 +90,7 @@ class Attention(nn.Module):
         self.wk = nn.Linear(d.dim, d.n_kv_heads * d.head_dim, bias=False)
         self.wv = nn.Linear(d.dim, d.n_kv_heads * d.head_dim, bias=False)
         self.wo = nn.Linear(d.n_heads * d.head_dim, d.dim, bias=False)
+        self.core = CoreAttention()
 
     def forward(self, x, cos, sin):
         B, T, _ = x.shape
@@ -91,7 +101,7 @@ class Attention(nn.Module):
         q = ops.rope(q, cos, sin, fused=self.fused)
         k = ops.rope(k, cos, sin, fused=self.fused)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, hd)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.size(1) != k.size(1))
+        y = self.core(q, k, v)  # (B, nh, T, hd)
         y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, nh * hd)
         return self.wo(y)
 

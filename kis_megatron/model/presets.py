@@ -15,3 +15,24 @@ PRESETS: dict[str, dict] = {
     "3b": dict(dim=3200, n_layers=26, n_heads=32, n_kv_heads=32, ffn_dim=8640, max_seq_len=2048),
     "7b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, ffn_dim=11008, max_seq_len=4096),
 }
+
+
+def kernel_shapes(presets=("125m", "350m", "760m", "1.3b", "3b", "7b"), vocabs=(32000, 128256),
+                  tp_sizes=(1, 2, 4, 8)) -> list[dict]:
+    """The per-rank sizes the kernels see for each shipped GPU preset, vocabulary and
+    tensor-parallel size that splits it evenly: hidden size (norms), heads of q and k per
+    rank and head dim (RoPE), vocabulary shard (the LM-head loss). For
+    ``kernels.aot.op_launches``; duplicates removed."""
+    out = []
+    for name in presets:
+        p = PRESETS[name]
+        heads, kv = p["n_heads"], p.get("n_kv_heads") or p["n_heads"]
+        for vocab in vocabs:
+            for tp in tp_sizes:
+                if heads % tp or kv % tp or vocab % tp:
+                    continue
+                shape = dict(dim=p["dim"], n_heads=heads // tp, n_kv_heads=kv // tp,
+                             head_dim=p["dim"] // heads, vocab_local=vocab // tp)
+                if shape not in out:
+                    out.append(shape)
+    return out

@@ -3,7 +3,8 @@
 Layout under ``<run>/checkpoints/``::
 
     step_00000100/          model + optimizer through torch.distributed.checkpoint (DCP),
-        .metadata           so a different parallel layout can reshard them on load
+        .metadata           so a different parallel layout can reshard them on load; a
+                            tensor-parallel tensor is one chunk per shard (DTensor)
         __0_0.distcp
         extra.pt            step, scheduler, data-stream position, RNG states (per rank)
         COMPLETE            written last: a directory without it is never loaded
@@ -47,7 +48,6 @@ from torch.distributed.checkpoint.state_dict import (
 
 from kis_megatron.errors import KisError
 from kis_megatron.parallel.dims import any_rank, from_rank0
-from kis_megatron.parallel.tensor_parallel import full_of, shard_of
 from kis_megatron.training.optim import local_optimizer
 from kis_megatron.utils import atomic_write_text
 
@@ -121,22 +121,51 @@ def _sharded_entries(model, msd: dict, osd: Optional[dict]):
             yield osd, key, dims[fqn]
 
 
+def _as_dtensor(local: torch.Tensor, dim: int, mesh) -> torch.Tensor:
+    """This rank's shard as a DTensor sharded along ``dim`` over ``mesh`` (no copy, no
+    communication: shards are equal, so the global shape follows from the local one)."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    shape = list(local.shape)
+    shape[dim] *= mesh.size()
+    stride = torch.empty(shape, device="meta").stride()
+    return DTensor.from_local(local, mesh, [Shard(dim)], run_check=False, shape=torch.Size(shape),
+                              stride=stride)
+
+
 class CheckpointManager:
     """Saves and loads checkpoints of one run.
 
-    ``tp_group``: the tensor-parallel group when parameters are sharded (``apply_tp``): a
-    save all-gathers every shard into the full tensor, so the files do not depend on the
-    layout, and a load slices this rank's part out again, so a checkpoint saved at one
-    ``parallel.tp`` resumes at another."""
+    ``tp_group``: the tensor-parallel group when parameters are sharded (``apply_tp``).
+    Each sharded tensor (a parameter and its Adam moments) is handed to DCP as a DTensor
+    over that group: every rank writes only its own shard, with its offset in the full
+    tensor, and reads back only the part it owns, so no rank holds a full tensor it does not
+    own. The files name full tensors by their single-process names, so DCP reshards a
+    checkpoint saved at one ``parallel.tp`` (or pipeline layout, or one process) to another."""
 
     def __init__(self, directory: str | Path, keep: int = 2, tp_group=None):
         self.dir = Path(directory)
         self.keep = keep
         self.tp_group = tp_group
+        self._tp_mesh = None
         # Optimizer-state names this rank saves and loads under another parameter's name: a
         # pipeline's last stage steps its copy of a tied embedding as "output.weight", but the
         # state is the embedding's (one name whatever the layout).
         self.optim_aliases: dict[str, str] = {}
+
+    def _sharded(self, model, msd: dict, osd: Optional[dict]) -> list:
+        """(container, key) of every tensor-parallel tensor, each replaced by its DTensor view."""
+        if self.tp_group is None:
+            return []
+        if self._tp_mesh is None:
+            from torch.distributed.device_mesh import DeviceMesh
+
+            device = next(model.parameters()).device.type
+            self._tp_mesh = DeviceMesh.from_group(self.tp_group, device_type=device)
+        entries = list(_sharded_entries(model, msd, osd))
+        for container, key, dim in entries:
+            container[key] = _as_dtensor(container[key], dim, self._tp_mesh)
+        return [(container, key) for container, key, _ in entries]
 
     # ------------------------------------------------------------------ discovery
 
@@ -203,10 +232,8 @@ class CheckpointManager:
             tmp.mkdir()
         _barrier()
         msd, osd = get_state_dict(model, local_optimizer(optimizer), options=_FLAT)
-        if self.tp_group is not None:
-            msd, osd = dict(msd), dict(osd)  # swap in full tensors without touching live state
-            for container, key, dim in list(_sharded_entries(model, msd, osd)):
-                container[key] = full_of(container[key], dim, self.tp_group)
+        msd, osd = dict(msd), dict(osd)  # swap in DTensor views without touching live state
+        self._sharded(model, msd, osd)
         osd, _ = _renamed(osd, self.optim_aliases)
         _dcp_quietly(dcp.save, {"model": msd, "optim": osd}, checkpoint_id=str(tmp))
         torch.save({**extra, "step": step, "rng": rng_state()}, tmp / f"extra_rank{rank}.pt.tmp")
@@ -244,11 +271,8 @@ class CheckpointManager:
         else:
             msd, osd = get_state_dict(model, local_optimizer(optimizer), options=_FLAT)
             state = {"model": dict(msd), "optim": dict(osd)}
-        sharded = [] if self.tp_group is None else list(_sharded_entries(model, state["model"], state.get("optim")))
-        for container, key, dim in sharded:  # read the full tensor, keep this rank's slice
-            shape = list(container[key].shape)
-            shape[dim] *= dist.get_world_size(self.tp_group)
-            container[key] = container[key].new_empty(shape)
+        # Each rank's shards are read in place, as DTensor views of its own tensors.
+        sharded = self._sharded(model, state["model"], state.get("optim"))
         if "optim" in state:  # tensors load in place; other values come back under the alias
             aliased, back = _renamed(state["optim"], self.optim_aliases)
             _read(path, {**state, "optim": aliased})
@@ -256,8 +280,8 @@ class CheckpointManager:
                 state["optim"][back.get(key, key)] = value
         else:
             _read(path, state)
-        for container, key, dim in sharded:
-            container[key] = shard_of(container[key], dim, self.tp_group)
+        for container, key in sharded:
+            container[key] = container[key].to_local()
         if optimizer is None:
             set_model_state_dict(model, state["model"])
         else:

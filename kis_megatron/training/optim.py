@@ -1,7 +1,9 @@
 """AdamW and the learning-rate schedule.
 
-The optimizer is apex's FusedAdam when apex is installed (detected at run time: it is not on
-PyPI), else torch's AdamW with ``fused=True`` on CUDA and the default implementation on CPU.
+On CUDA the optimizer is apex's FusedAdam when apex is installed *and its CUDA extension
+loads* (apex is not on PyPI; a pure-Python apex install imports fine, then FusedAdam raises
+"requires cuda extensions" when constructed), else torch's AdamW with ``fused=True``; one log
+line says which and why. On CPU it is torch's default AdamW.
 Norm weights (1-D parameters) get no weight decay, as in Llama and Megatron. With
 ``parallel.zero1`` it is wrapped in torch's ZeroRedundancyOptimizer: each data-parallel rank
 keeps the AdamW state of its share of the parameters, steps them, and broadcasts them.
@@ -9,6 +11,8 @@ keeps the AdamW state of its share of the parameters, steps them, and broadcasts
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 
 import torch
@@ -27,21 +31,42 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def apex_fused_adam():
-    """apex.optimizers.FusedAdam when NVIDIA apex is importable with its CUDA extension."""
+log = logging.getLogger(__name__)
+
+
+@functools.lru_cache(maxsize=None)
+def apex_fused_adam() -> tuple[type | None, str]:
+    """(apex.optimizers.FusedAdam, why) when NVIDIA apex is importable *with* the CUDA
+    extension FusedAdam runs on (``amp_C``, its multi-tensor Adam); else (None, why not).
+    Decided once per process, so the log line below is printed once."""
     try:
         from apex.optimizers import FusedAdam  # type: ignore[import-not-found]
-    except Exception:
-        return None
-    return FusedAdam
+    except Exception as e:
+        return None, f"apex is not installed ({type(e).__name__}: {e})"
+    try:
+        import amp_C  # type: ignore[import-not-found]  # noqa: F401
+        from apex.multi_tensor_apply import multi_tensor_applier  # type: ignore[import-not-found]
+    except Exception as e:
+        return None, f"apex is installed but its CUDA extension did not load ({type(e).__name__}: {e})"
+    if not getattr(multi_tensor_applier, "available", False):
+        return None, "apex is installed but its multi-tensor CUDA kernels are not available"
+    return FusedAdam, "apex FusedAdam (CUDA extension loaded)"
+
+
+@functools.lru_cache(maxsize=None)
+def _log_choice(message: str, warn: bool) -> None:
+    (log.warning if warn else log.info)(message)
 
 
 def _adamw(cfg: TrainConfig, device: torch.device) -> tuple[type, dict]:
     kw = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
     if device.type == "cuda":
-        fused_adam = apex_fused_adam()
+        fused_adam, why = apex_fused_adam()
         if fused_adam is not None:
+            _log_choice(f"optimizer: {why}", warn=False)
             return fused_adam, {**kw, "adam_w_mode": True}
+        # A broken apex is worth a warning (someone installed it to be used); no apex is normal.
+        _log_choice(f"optimizer: torch AdamW(fused=True); {why}", warn="installed" in why)
         return torch.optim.AdamW, {**kw, "fused": True}
     return torch.optim.AdamW, {**kw, "foreach": False}
 

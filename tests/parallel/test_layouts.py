@@ -1,7 +1,7 @@
 """Every parallel layout reproduces the single-process run on CPU (gloo, torchrun): the first
 step's gradient of every parameter (gathered to full tensors), the losses and grad norms of
 4 steps, validation loss and retention probes, and the final weights, all within 1e-5
-relative, with untied and tied embeddings. Checkpoints reshard between tp=2 x pp=2 and one
+relative, with untied and tied embeddings, and with activation recomputation. Checkpoints reshard between tp=2 x pp=2 and one
 process in both directions, and a ZeRO-1 checkpoint resumes without ZeRO."""
 
 import re
@@ -29,6 +29,10 @@ LAYOUTS = {
     "tp2_sp_pp2_vpp2_tied": (4, {"parallel.tp": 2, "parallel.sp": True, "parallel.pp": 2, "parallel.vpp": 2,
                                  "model.tie_embeddings": True}),
     "dp2_pp2_zero1_tied": (4, {"parallel.pp": 2, "parallel.zero1": True, "model.tie_embeddings": True}),
+    # Recomputation changes no number: the same references, with train.recompute on.
+    "tp2_sp_recompute_full": (2, {"parallel.tp": 2, "parallel.sp": True, "train.recompute": "full"}),
+    "pp2_vpp2_recompute_selective": (2, {"parallel.pp": 2, "parallel.vpp": 2, "train.recompute": "selective"}),
+    "dp2_recompute_full": (2, {"train.recompute": "full"}),
 }
 TIED = {"model.tie_embeddings": True}
 

@@ -39,12 +39,32 @@ def test_tp_matches_single_process(world_corpus, single, tmp_path, nproc):
     assert_same_weights(weights_at(ref, STEPS, cfg), weights_at(run, STEPS, cfg))
     info = json.loads((run / "run.json").read_text())
     assert info["model_params"] == json.loads((ref / "run.json").read_text())["model_params"]
+    assert_saved_as_shards(run / "checkpoints" / "step_00000004")
     if nproc == 2:  # save at tp=2, resume at tp=1: the same steps 3 and 4 as never resharding
         resumed = tmp_path / "tp2_to_tp1"
         Trainer(load_config(None, tiny_overrides(world_corpus, resumed, **COMMON, **{
             "checkpoint.resume": str(run / "checkpoints" / "step_00000002")}))).fit()
         assert_same_run(ref, resumed, [3, 4])
         assert_same_weights(weights_at(ref, STEPS, cfg), weights_at(resumed, STEPS, cfg))
+
+
+def assert_saved_as_shards(path):
+    """DCP's metadata: a split weight (and its Adam moments) is one chunk per tensor-parallel
+    shard, at its offset in the full tensor (each rank wrote its own, none gathered them); a
+    replicated norm one chunk. Data-parallel replicas of a shard are written once."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    meta = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+
+    def chunks(key):
+        return sorted((tuple(c.offsets), tuple(c.sizes)) for c in meta[key].chunks)
+
+    assert tuple(meta["model.layers.0.attn.wq.weight"].size) == (32, 32)  # the full shape
+    assert chunks("model.layers.0.attn.wq.weight") == [((0, 0), (16, 32)), ((16, 0), (16, 32))]
+    assert chunks("model.layers.0.attn.wo.weight") == [((0, 0), (32, 16)), ((0, 16), (32, 16))]
+    assert chunks("model.tok_embeddings.weight") == [((0, 0), (200, 32)), ((200, 0), (200, 32))]
+    assert chunks("optim.state.layers.0.ffn.w_down.weight.exp_avg_sq") == [((0, 0), (32, 64)), ((0, 64), (32, 64))]
+    assert chunks("model.layers.0.attn_norm.weight") == [((0,), (32,))]
 
 
 def test_tp1_checkpoint_resumes_at_tp2(world_corpus, single, tmp_path):

@@ -45,3 +45,55 @@ def test_no_weight_decay_on_norms():
     assert id(model[0].weight) in decay and id(model[1].weight) not in decay
     assert opt.param_groups[1]["weight_decay"] == 0.0
     assert lr_factor(0, TrainConfig(warmup_steps=0, schedule="constant")) == 1.0
+
+
+def _fake_apex(monkeypatch, extension_loads: bool):
+    """A fake ``apex`` package: ``apex.optimizers.FusedAdam`` always imports; its CUDA
+    extension ``amp_C`` imports only when ``extension_loads`` (a pure-Python apex install
+    has none, and FusedAdam then raises when constructed)."""
+    import sys
+    import types
+
+    from kis_megatron.training import optim
+
+    class FusedAdam:
+        def __init__(self, *args, **kwargs):
+            if not extension_loads:
+                raise RuntimeError("apex.optimizers.FusedAdam requires cuda extensions")
+
+    apex = types.ModuleType("apex")
+    apex.optimizers = types.ModuleType("apex.optimizers")
+    apex.optimizers.FusedAdam = FusedAdam
+    apex.multi_tensor_apply = types.ModuleType("apex.multi_tensor_apply")
+    apex.multi_tensor_apply.multi_tensor_applier = types.SimpleNamespace(available=extension_loads)
+    monkeypatch.setitem(sys.modules, "apex", apex)
+    monkeypatch.setitem(sys.modules, "apex.optimizers", apex.optimizers)
+    monkeypatch.setitem(sys.modules, "apex.multi_tensor_apply", apex.multi_tensor_apply)
+    # None in sys.modules makes `import amp_C` raise ImportError, as a missing extension does.
+    monkeypatch.setitem(sys.modules, "amp_C", types.ModuleType("amp_C") if extension_loads else None)
+    optim.apex_fused_adam.cache_clear()
+    optim._log_choice.cache_clear()
+    return FusedAdam
+
+
+@pytest.mark.parametrize("extension_loads", [False, True])
+def test_apex_fused_adam_only_when_its_cuda_extension_loads(monkeypatch, caplog, extension_loads):
+    from kis_megatron.training import optim
+
+    fused_adam = _fake_apex(monkeypatch, extension_loads)
+    cuda = torch.device("cuda")  # _adamw only chooses; nothing is allocated on the device
+    with caplog.at_level("INFO", logger="kis_megatron.training.optim"):
+        for _ in range(3):  # one message however many optimizers are built
+            cls, kw = optim._adamw(TrainConfig(), cuda)
+    optim.apex_fused_adam.cache_clear()
+    optim._log_choice.cache_clear()
+    messages = [r for r in caplog.records if r.name == "kis_megatron.training.optim"]
+    assert len(messages) == 1, [r.getMessage() for r in messages]
+    if extension_loads:
+        assert cls is fused_adam and kw["adam_w_mode"] is True
+        assert messages[0].levelname == "INFO"
+    else:
+        assert cls is torch.optim.AdamW and kw["fused"] is True
+        assert messages[0].levelname == "WARNING"
+        assert "CUDA extension did not load" in messages[0].getMessage()
+    assert optim._adamw(TrainConfig(), torch.device("cpu"))[0] is torch.optim.AdamW
