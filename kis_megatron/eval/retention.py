@@ -155,12 +155,12 @@ def restrict_distractors(probes: Sequence[ProbeItem]) -> list[ProbeItem]:
             out.append(p)
             continue
         others = [o for o in pool if o != p.answer]
-        k = len(p.distractors)
-        if len(others) < k:
+        k = min(len(p.distractors), len(others))
+        if k == 0:
             raise KnowledgeError(
-                f"the first facts of '{p.knowledge_set}' hold {len(pool)} distinct objects of "
-                f"relation '{p.relation}', too few for {k} distractors per probe; infuse more "
-                "facts (raise infusion.facts)")
+                f"the first facts of '{p.knowledge_set}' hold one object of relation "
+                f"'{p.relation}', so its probes have no distractor; infuse more facts "
+                "(raise infusion.facts)")
         seed = fact_rank(p.fact_id) ^ (STYLES.index(p.style) << 8 | p.template)
         picked = tuple(random.Random(seed).sample(others, k))
         out.append(dataclasses.replace(p, distractors=picked))

@@ -150,12 +150,14 @@ def test_a_fact_limit_draws_distractors_from_the_objects_trained_on(probes):
         assert any(pool[r] < full_pool[r] for r in pool)  # the limit does shrink some pool
         for p in kept:
             assert set(p.distractors) <= pool[p.relation] - {p.answer}
-            assert len(set(p.distractors)) == 4
+            assert len(set(p.distractors)) == min(4, len(pool[p.relation]) - 1)
         assert kept == select_probes(d, facts_below=limit)  # deterministic
     pool50 = {(q.relation, q.answer) for q in d if q.fact_id < 50}
     fine = [p for p in d if p.fact_id < 50 and all((p.relation, x) in pool50 for x in p.distractors)]
     kept = {(p.fact_id, p.style, p.template): p for p in select_probes(d, facts_below=50)}
     assert fine and all(kept[(p.fact_id, p.style, p.template)] == p for p in fine)  # left as they were
+    few = select_probes(d, facts_below=12)  # three compounds: two distractors at most
+    assert few and all(len(p.distractors) <= 2 for p in few)
     with pytest.raises(KnowledgeError, match="raise infusion.facts"):
         select_probes(d, facts_below=4)  # one compound: no other objects to draw from
 
