@@ -66,6 +66,7 @@ def law_json(a: Analysis) -> dict:
             "fraction": o.fraction,
             "chance": o.chance,
             "min_drop": o.min_drop,
+            "ceiling": o.ceiling,
             "bootstrap": o.n_boot,
             "bootstrap_dropped": law.dropped_replicates,
             "seed": o.seed,
@@ -116,7 +117,8 @@ def report_markdown(a: Analysis) -> str:
         collapse_mod.__doc__.split("Method (the one this project documents and reports):")[1].strip(),
         "",
         f"Settings: fraction {o.fraction:g}, chance {o.chance if o.chance is not None else 'free floor'}, "
-        f"min_drop {o.min_drop:g}, {o.n_boot} bootstrap replicates (seed {o.seed}), "
+        f"min_drop {o.min_drop:g}, ceiling {o.ceiling if o.ceiling is not None else 'none'}, "
+        f"{o.n_boot} bootstrap replicates (seed {o.seed}), "
         f"{pct} percentile intervals.",
         "",
         _law_method_text(law),
