@@ -210,4 +210,6 @@ def validate(result: Analysis, rows: list[dict]) -> None:
     check["levels"] = sorted({float(v) for v in curve.infusion})
     check["runs"] = int(curve.infusion.size)
     check["extrapolation"] = curve.model_params / max(fitted)
+    check["exposures_at_collapse"] = (curve.exposures_at(point.collapse_infusion)
+                                      if point.collapse_infusion is not None else None)
     result.validation, result.validation_curve, result.validation_point = check, curve, point
