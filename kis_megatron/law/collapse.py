@@ -24,8 +24,8 @@ Method (the one this project documents and reports):
    sharper than the grid is placed midway between the levels that bracket it, as
    log-scale interpolation would.
 5. The plateau must be measured: at least two levels before the fall within ``min_drop`` of
-   the maximum, or the maximum within ``min_drop / 2`` of a known ceiling (``ceiling``: 1 for
-   an accuracy).  Otherwise the curve is already falling at its first levels and the threshold,
+   the maximum, or the maximum within ``min_drop`` of a known ceiling (``ceiling``: 1 for an
+   accuracy; closer than the smallest fall that counts, it cannot be told from the ceiling).  Otherwise the curve is already falling at its first levels and the threshold,
    a share of the plateau, is unknown: a higher plateau would put the collapse lower, so the
    fitted crossing is only an upper bound (status ``plateau_unobserved_upper_bound``; extend
    the levels down).
@@ -283,7 +283,7 @@ def detect_collapse(
         )
     first_below = int(below[0])
     on_plateau = int(np.sum(means[start:first_below] >= means[peak] - min_drop))
-    if on_plateau < 2 and not (ceiling is not None and means[peak] >= ceiling - min_drop / 2):
+    if on_plateau < 2 and not (ceiling is not None and means[peak] >= ceiling - min_drop):
         return CollapsePoint(
             **base, status=PLATEAU_UNOBSERVED, upper_bound=float(10**xc),
             note=f"the plateau is not measured (one level, {raw[peak]:.4g}, above the fall, at "
