@@ -11,7 +11,7 @@ if [ ! -f $out/data/READY ]; then
     bash examples/tiny_ladder/run.sh --data-only
 fi
 OMP_NUM_THREADS=1 python tools/sweep.py examples/tiny_ladder/forgetting.yaml --jobs "${JOBS:-2}"
-python tools/extract_metrics.py $out/forgetting_runs/* --out $out/forgetting_table.csv
+python tools/extract_metrics.py $out/forgetting_runs --out $out/forgetting_table.csv
 python tools/fit_law.py --table $out/forgetting_table.csv --out $out/forgetting_law \
     --metric retention/general --chance auto
 echo "done: $out/forgetting_law/report.md"

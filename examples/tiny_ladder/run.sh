@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The tiny ladder, end to end on 2 CPU cores: synthetic worlds -> tokenizer -> token shards ->
-# 3 model sizes x 6 infusion amounts (two runs at a time, one thread each) -> metric table ->
-# collapse points and the fitted law -> out/tiny_ladder/law/{law.json,report.md,*.png}.
-# Re-running skips finished runs. See examples/tiny_ladder/README.md for the design.
+# 4 model sizes x infusion levels, refined where each collapse is least known (two runs at a
+# time, one thread each) -> the law fitted on them -> the runs of a 2x larger held-out model
+# around its predicted collapse point -> the law checked against that model's measured
+# collapse -> out/tiny_ladder/law/{law.json,report.md,*.png}. Re-running skips finished runs.
+# See examples/tiny_ladder/README.md for the design and its validation protocol.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 out=out/tiny_ladder
@@ -33,10 +35,15 @@ if [ ! -f $data/READY ]; then
 fi
 [ "${1:-}" = "--data-only" ] && exit 0
 
-stamp "training the ladder"
-OMP_NUM_THREADS=1 python tools/sweep.py examples/tiny_ladder/sweep.yaml --jobs 2
-stamp "extracting metrics and fitting the law"
-python tools/extract_metrics.py $out/runs/* --out $out/table.csv
-python tools/fit_law.py --table $out/table.csv --out $out/law --metric retention/domain --chance auto \
-    --predict 1e7
+export OMP_NUM_THREADS=1
+stamp "training the ladder (refined where each collapse is least known)"
+python tools/sweep.py examples/tiny_ladder/sweep.yaml --jobs 2 --refine
+stamp "fitting the law on the ladder"
+python tools/extract_metrics.py $out/runs --out $out/table.csv
+python tools/fit_law.py --table $out/table.csv --out $out/ladder_law --chance auto
+stamp "validating on a larger held-out model (d192) around the predicted collapse point"
+python tools/sweep.py examples/tiny_ladder/sweep.yaml --validate $out/ladder_law/law.json --jobs 2 --refine
+stamp "checking the law against the held-out model"
+python tools/fit_law.py --runs $out/runs --validation-runs $out/validate_runs --out $out/law \
+    --chance auto --predict 1e7
 stamp "done: $out/law/report.md"
