@@ -44,6 +44,26 @@ def test_grid_runs_skip_finished_and_print_launch(world_corpus, tmp_path):
     assert "sbatch --array=0-0" in text and "model.dim=24" in text and "checkpoint.resume=auto" in text
 
 
+def _metrics_without_timing(run) -> list[dict]:
+    rows = [json.loads(line) for line in (run.run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "tflops_per_device")} for r in rows]
+
+
+def test_forked_runs_equal_runs_in_their_own_process(world_corpus, tmp_path, monkeypatch):
+    # The sweep trains each run in a child of a fork server that imported the trainer once;
+    # the same run started as its own process (KIS_SWEEP_FORK=0) logs the same numbers.
+    axes = {"model": [{"name": "d16", "overrides": {"model.dim": 16, "log.progress": "lines"}}]}
+    (tmp_path / "a").mkdir()
+    forked = load_sweep(write_sweep(tmp_path / "a", world_corpus, axes=axes))
+    assert run_local(forked, progress=False, log=lambda s: None)["d16"].startswith("finished")
+    monkeypatch.setenv("KIS_SWEEP_FORK", "0")
+    (tmp_path / "b").mkdir()
+    own = load_sweep(write_sweep(tmp_path / "b", world_corpus, axes=axes))
+    assert run_local(own, progress=False, log=lambda s: None)["d16"].startswith("finished")
+    assert _metrics_without_timing(forked.runs[0]) == _metrics_without_timing(own.runs[0])
+    assert "step 3/3" in (forked.runs[0].run_dir / "train.log").read_text()  # its output, in its log
+
+
 def test_interrupted_run_resumes(world_corpus, tmp_path):
     path = write_sweep(tmp_path, world_corpus, axes={"model": [{"name": "a", "overrides": {
         "checkpoint.interval": 1, "train.steps": 4}}]})
