@@ -24,9 +24,8 @@ from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
+from kis_megatron.law.analysis import Options, fit, locate
 from kis_megatron.law.collapse import COLLAPSE, detect_collapse
-from kis_megatron.law.fit import fit_law
-from kis_megatron.law.joint import fit_law_joint
 from kis_megatron.law.refine import interval_width, next_level
 from kis_megatron.law.simulate import LadderSpec, draw_truth, rows_to_curve, simulate_rows
 from kis_megatron.law.table import LawInputError, select_curves
@@ -40,22 +39,18 @@ N_BOOT = 400
 
 
 def one_draw(args):
+    """One simulated ladder through the product's own path (analysis.locate and
+    analysis.fit, with fit_law's defaults but for the bootstrap size)."""
     name, draw, methods = args
     spec = SCENARIOS[name]
-    rng = np.random.default_rng([draw, 7])
-    rows, _ = simulate_rows(spec, rng)
+    rows, _ = simulate_rows(spec, np.random.default_rng([draw, 7]))
     curves, _ = select_curves(rows, spec.metric)
-    points = [detect_collapse(c, chance=spec.chance, n_boot=N_BOOT, rng=np.random.default_rng([draw, i]))
-              for i, c in enumerate(curves)]
+    points = locate(curves, Options(chance=spec.chance, n_boot=N_BOOT, seed=draw))
     out = {}
     truth_pred = float(spec.true_cp(spec.heldout))
     for m in methods:
         try:
-            if m == "two-stage":
-                law = fit_law(points)
-            else:
-                law = fit_law_joint(curves, points, chance=spec.chance, n_boot=N_BOOT,
-                                    rng=np.random.default_rng([draw, 99]))
+            law = fit(curves, points, Options(chance=spec.chance, n_boot=N_BOOT, seed=draw, fit=m))
         except LawInputError:
             out[m] = None
             continue
