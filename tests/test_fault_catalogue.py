@@ -481,11 +481,11 @@ def test_a_cut_final_evaluation_leaves_the_run_out(ref_copy):
     rows, note = read_run(str(ref_copy))
     assert rows == []
     assert "final evaluation (step 4) is missing" in note and "the last one is at step 2" in note
-    assert f"{path} line {len(lines)} is cut" in note
+    assert f"{path}:{len(lines)}: the line is cut" in note
     path.write_text("\n".join(lines[:2] + ["{oops"] + lines[2:]) + "\n")
     from kis_megatron.law.table import LawInputError
 
-    with pytest.raises(LawInputError, match=f"{path} line 3 is not valid JSON"):
+    with pytest.raises(LawInputError, match=f"{path}:3: invalid JSON"):
         read_run(str(ref_copy))
 
 
@@ -537,7 +537,7 @@ def test_every_tool_prints_one_error_and_exits_2(tmp_path, capsys, name, argv, n
 
 
 def test_every_user_error_class_derives_from_kis_error():
-    from kis_megatron.data.infusion_source import InfusionError
+    from kis_megatron.data.errors import InfusionError
     from kis_megatron.data.knowledge import KnowledgeError
     from kis_megatron.interop.hf import InteropError
     from kis_megatron.law.table import LawInputError
