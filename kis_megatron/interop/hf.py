@@ -32,7 +32,7 @@ import sentencepiece as spm
 import torch
 from safetensors.torch import load_file, save_file
 
-from kis_megatron.config import ConfigError, ModelConfig, load_config
+from kis_megatron.config import ConfigError, ModelConfig, load_run_config
 from kis_megatron.interop.hf_tokenizer import write_hf_tokenizer
 from kis_megatron.model.llama import Transformer, build_model, llama_ffn_dim, local_slice
 from kis_megatron.training.checkpoint import CheckpointError, CheckpointManager, verify
@@ -284,9 +284,9 @@ def export_hf(run_dir_or_checkpoint: str | Path, out_dir: str | Path,
         raise InteropError(f"{out_dir} already exists and is not empty; choose a new output folder")
     max_bytes = parse_size(max_shard_size)
     run_dir, ckpt = _locate(run_dir_or_checkpoint, checkpoint)
-    cfg = load_config(run_dir / "config.yaml")
-    # Checkpoints hold full, layout-free tensors under the single-process names (a
-    # tensor-parallel save gathers its shards, each pipeline stage writes its layers), so a
+    cfg = load_run_config(run_dir)  # its relative paths taken from where it was launched
+    # Checkpoints name full tensors by their single-process names and shapes (each pipeline
+    # stage writes its layers, each tensor-parallel rank its shards as chunks of them), so a
     # run of any layout loads into one process here.
     tok_path = Path(tokenizer or cfg.data.tokenizer or "")
     if not (tokenizer or cfg.data.tokenizer):

@@ -161,7 +161,7 @@ class SequenceParallelNorm(nn.Module):
 def check_tp(cfg, tp: int) -> None:
     """Refuse, with the key to change, a model whose sizes do not split across ``tp`` ranks.
 
-    ``cfg``: the model's ``Dims`` or ``ModelConfig`` (needs vocab_size, n_heads,
+    ``cfg``: the model's ``ModelDims`` or ``ModelConfig`` (needs vocab_size, n_heads,
     n_kv_heads; ffn_dim when known)."""
     if tp == 1:
         return

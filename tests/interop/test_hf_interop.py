@@ -14,7 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach the network
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from _corpus import ROOT, tiny_overrides, torchrun, train_rows  # noqa: E402
-from kis_megatron.config import ModelConfig, load_config  # noqa: E402
+from kis_megatron.config import ModelConfig, load_config, save_config  # noqa: E402
 from kis_megatron.data.tokenizer import Tokenizer  # noqa: E402
 from kis_megatron.interop.hf import InteropError, export_hf, import_hf, load_init  # noqa: E402
 from kis_megatron.model.llama import Transformer  # noqa: E402
@@ -213,12 +213,31 @@ def test_load_init_names_a_mismatch_and_export_refuses_a_used_folder(untied, tmp
         import_hf(broken)
 
 
+def test_export_works_from_any_directory(untied, world_corpus, tmp_path, monkeypatch):
+    """A run's relative paths (here data.tokenizer) are taken from where the run was launched
+    (run.json's launch_dir), not from where the export is started."""
+    run = tmp_path / "run"
+    shutil.copytree(untied["dir"] / "run", run)
+    launch = world_corpus["dir"]
+    cfg = load_config(run / "config.yaml")
+    cfg.data.tokenizer = os.path.relpath(world_corpus["tokenizer"], launch)
+    save_config(cfg, run / "config.yaml")
+    info = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**info, "launch_dir": str(launch)}))
+    monkeypatch.chdir(tmp_path)
+    assert not os.path.exists(cfg.data.tokenizer)  # not from here
+    export_hf("run", "hf")
+    assert (tmp_path / "hf" / "config.json").is_file()
+
+
 @torch.no_grad()
 def test_kis_train_starts_from_imported_weights(exported, tmp_path):
     yaml_path = tmp_path / "from_hf.yaml"
     proc = subprocess.run([sys.executable, str(ROOT / "tools/import_hf.py"), str(exported["hf_dir"]),
                            "--out", str(yaml_path)], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
+    # The config stands on its own: a data.seq_len the model supports (max_seq_len is 64 here).
+    assert load_config(yaml_path).data.seq_len == 64
     corpus = exported["corpus"]
     overrides = [o for o in tiny_overrides(corpus, tmp_path / "run2", **{"train.steps": 1})
                  if not o.startswith("model.")]
