@@ -105,14 +105,15 @@ def destroy_distributed() -> None:
         dist.destroy_process_group()
 
 
-def _world() -> bool:
+def _multi_process() -> bool:
+    """Whether a process group of more than one rank is up."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True on every rank when ``flag`` is true on any rank (one all-reduce of one number),
     so that decisions such as skipping a step are taken by all ranks together."""
-    if not _world():
+    if not _multi_process():
         return flag
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -121,7 +122,7 @@ def any_rank(flag: bool, device: torch.device) -> bool:
 
 def from_rank0(obj):
     """Rank 0's ``obj`` on every rank (a decision read from shared files, taken once)."""
-    if not _world():
+    if not _multi_process():
         return obj
     box = [obj]
     dist.broadcast_object_list(box, src=0)

@@ -34,8 +34,8 @@ from torch import nn
 
 from kis_megatron.config import ConfigError
 from kis_megatron.model import ops
-from kis_megatron.parallel.comm import (all_gather, copy_to_tp, gather_from_tp, gather_seq,
-                                        reduce_from_tp, reduce_scatter_seq, split, world)
+from kis_megatron.parallel.comm import (all_gather, copy_to_tp, gather_from_tp, gather_seq, group_size,
+                                        reduce_from_tp, reduce_scatter_seq, split)
 
 # ---------------------------------------------------------------------------- sharding helpers
 
@@ -183,9 +183,9 @@ def apply_tp(model: nn.Module, tp_group, sequence_parallel: bool = False) -> nn.
     embedding's shard. ``sequence_parallel``: the residual stream between layers is split
     along the sequence (the model pads a sequence to a multiple of tp). With ``tp_group``
     None (tp == 1) the model is returned unchanged."""
-    if tp_group is None or world(tp_group) == 1:
+    if tp_group is None or group_size(tp_group) == 1:
         return model
-    tp, sp = world(tp_group), sequence_parallel
+    tp, sp = group_size(tp_group), sequence_parallel
     check_tp(model.dims, tp)
     emb, head = model.tok_embeddings, model.output
     tied = emb is not None and head is not None and head.weight is emb.weight
