@@ -28,7 +28,7 @@ model is laid out on the meta device), what each rank of that layout holds and d
 The world size comes from ``--plan-world N`` (default ``$WORLD_SIZE``, else tp x pp: dp = 1);
 the planner needs no torchrun. Accuracy, checked in ``tests/test_plan.py``: parameter counts
 exact; weights, gradients and optimizer state exact against a built model and optimizer;
-activations within 5 % of the bytes a real CPU step keeps (reference and Triton paths, fp32).
+activations within 2 % of the bytes a real CPU step keeps (reference and Triton paths, fp32).
 Derived from the code but not measured here: bf16 activations on CUDA and the pipeline
 schedules' in-flight micro-batches (activations at tp=2 with and without sp are measured on
 two gloo ranks: exact). Not modelled: the CUDA context, NCCL buffers and allocator fragmentation (the fit check keeps 10 %

@@ -57,13 +57,25 @@ def tiny_overrides(corpus: dict, run_dir: Path, **extra) -> list[str]:
 
 
 def torchrun(nproc: int, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    """``torchrun --standalone --nproc-per-node=nproc ARGS`` on CPU (gloo), one thread a rank."""
+    """``torchrun --standalone --nproc-per-node=nproc ARGS`` on CPU (gloo), one thread a rank.
+
+    It runs in a session of its own, and whatever ends the wait (its ``timeout``, the test's
+    timeout from pytest-timeout, Ctrl-C) kills the whole group, ranks included: no rank is
+    left waiting on a collective."""
     import os
+    import signal
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           f"--nproc-per-node={nproc}", *args], capture_output=True, text=True,
-                          cwd=ROOT, env=env, timeout=timeout)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def train_rows(run_dir: Path) -> dict[int, dict]:

@@ -28,6 +28,7 @@ def write_sweep(tmp_path, corpus, axes=None, **extra):
     return path
 
 
+@pytest.mark.slow
 def test_grid_runs_skip_finished_and_print_launch(world_corpus, tmp_path):
     sweep = load_sweep(write_sweep(tmp_path, world_corpus))
     assert [r.run_id for r in sweep.runs] == ["d16-r0", "d32-r0"]
@@ -44,6 +45,7 @@ def test_grid_runs_skip_finished_and_print_launch(world_corpus, tmp_path):
     assert "sbatch --array=0-0" in text and "model.dim=24" in text and "checkpoint.resume=auto" in text
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes(world_corpus, tmp_path):
     path = write_sweep(tmp_path, world_corpus, axes={"model": [{"name": "a", "overrides": {
         "checkpoint.interval": 1, "train.steps": 4}}]})

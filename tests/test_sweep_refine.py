@@ -356,6 +356,7 @@ def test_validation_curve_is_refined_and_resumed(tmp_path):
 # ---------------------------------------------------------------------------- end to end
 
 
+@pytest.mark.slow
 def test_refine_trains_the_grid_then_the_refined_level_and_resumes(world_corpus, tmp_path):
     """Tiny runs (3 steps) on the test corpus: the grid, one refined level (max_runs 1), then a
     rerun that trains nothing."""

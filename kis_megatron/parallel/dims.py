@@ -17,6 +17,7 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
 
 from kis_megatron.config import ConfigError, ParallelConfig
 
@@ -93,8 +94,6 @@ def init_distributed(dims: ParallelDims, device: torch.device, timeout_s: int) -
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     if dims.mesh is None:
-        from torch.distributed.device_mesh import init_device_mesh
-
         dims.mesh = init_device_mesh(device.type, (dims.dp, dims.pp, dims.tp),
                                      mesh_dim_names=("dp", "pp", "tp"))
     return dist.group.WORLD

@@ -38,6 +38,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -126,8 +128,6 @@ def _sharded_entries(model, msd: dict, osd: Optional[dict]):
 def _as_dtensor(local: torch.Tensor, dim: int, mesh) -> torch.Tensor:
     """This rank's shard as a DTensor sharded along ``dim`` over ``mesh`` (no copy, no
     communication: shards are equal, so the global shape follows from the local one)."""
-    from torch.distributed.tensor import DTensor, Shard
-
     shape = list(local.shape)
     shape[dim] *= mesh.size()
     stride = torch.empty(shape, device="meta").stride()
@@ -160,8 +160,6 @@ class CheckpointManager:
         if self.tp_group is None:
             return []
         if self._tp_mesh is None:
-            from torch.distributed.device_mesh import DeviceMesh
-
             device = next(model.parameters()).device.type
             self._tp_mesh = DeviceMesh.from_group(self.tp_group, device_type=device)
         entries = list(_sharded_entries(model, msd, osd))

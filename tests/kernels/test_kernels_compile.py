@@ -18,6 +18,8 @@ import torch
 
 from kernels import aot
 
+pytestmark = [pytest.mark.slow]  # Triton's compiler and ptxas: ~40-75 s cold
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(REPO, "benchmarks", "bench_kernel_resources.py")
 

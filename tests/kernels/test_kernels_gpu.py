@@ -23,6 +23,8 @@ import torch
 import kernels
 from kernels._triton import interpreter_active
 
+pytestmark = [pytest.mark.slow]  # on CPU: the Triton kernels through the interpreter
+
 TOL = {  # (outputs, gradients) by dtype; the loss value itself: LOSS_TOL
     torch.bfloat16: {"elementwise": (1e-2, 1e-2), "linear_cross_entropy": (5e-3, 5e-2)},
     torch.float32: {"elementwise": (1e-5, 1e-5), "linear_cross_entropy": (1e-5, 1e-4)},

@@ -129,6 +129,8 @@ def _vocab_parallel_worker(rank, world, init_file, backends, hidden, weight, tar
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_linear_cross_entropy_vocab_parallel_two_ranks(tmp_path, rel_err, gen):
     """2 gloo ranks, each holding half of a 514-row vocabulary (shards of 257 rows),
     reproduce the single-process float64 loss and gradients, on both backends."""

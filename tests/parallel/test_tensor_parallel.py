@@ -13,6 +13,8 @@ from kis_megatron.model.llama import ModelDims
 from kis_megatron.parallel.tensor_parallel import check_tp
 from kis_megatron.train import Trainer
 
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]  # every test starts gloo ranks
+
 STEPS = 4
 COMMON = {"train.steps": STEPS, "train.global_batch": 8, "train.micro_batch": 2,
           "checkpoint.interval": 2, "checkpoint.keep": 3}

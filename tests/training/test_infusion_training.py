@@ -4,12 +4,15 @@ import json
 import os
 import runpy
 
+import pytest
+
 from kis_megatron.config import load_config
 from kis_megatron.train import Trainer
 
 from _corpus import ROOT, tiny_overrides
 
 
+@pytest.mark.slow
 def test_exact_ratio_holds_at_every_step_of_a_run(world_corpus, tmp_path):
     run = tmp_path / "run"
     seq_len = 32
@@ -32,6 +35,7 @@ def test_exact_ratio_holds_at_every_step_of_a_run(world_corpus, tmp_path):
     assert info["infusion"]["ratio"] == 0.1 and info["infusion"]["domain_facts"] == 96
 
 
+@pytest.mark.slow
 def test_general_only_training_knows_general_facts_not_domain_facts(world_corpus, tmp_path):
     """Trained on the general world alone, a tiny model recalls general facts far above
     chance (1/5) and domain facts at chance: the probes measure what was infused."""
@@ -47,6 +51,7 @@ def test_general_only_training_knows_general_facts_not_domain_facts(world_corpus
     assert final["retention/domain"] < 0.35, final
 
 
+@pytest.mark.slow
 def test_facts_knob_infuses_and_probes_only_the_first_facts(world_corpus, tmp_path):
     """infusion.facts=10 of the 96-fact domain world: exposures and domain probes cover facts
     0..9 only, eval.max_probes caps the general set, and a saved checkpoint scored later
