@@ -27,7 +27,7 @@ import numpy as np
 
 from kis_megatron.config import ConfigError
 from kis_megatron.law.analysis import VALIDATION_STREAM, Options, locate, logged_chance
-from kis_megatron.law.collapse import AT_START, COLLAPSE, CollapsePoint
+from kis_megatron.law.collapse import AT_START, COLLAPSE, PLATEAU_UNOBSERVED, CollapsePoint
 from kis_megatron.law.refine import interval_width, next_level
 from kis_megatron.law.runs import extract_runs
 from kis_megatron.law.table import Curve, LawInputError
@@ -128,6 +128,8 @@ def _describe(state: CurveState) -> str:
                  f"CI {state.width:.3g} decades")
     elif p.status == AT_START:
         where = f"collapsed at or below {p.upper_bound:.4g} (no CI)"
+    elif p.status == PLATEAU_UNOBSERVED:
+        where = f"plateau not measured: collapse at or below {p.upper_bound:.4g} (no CI)"
     else:
         where = f"no collapse located up to {p.lower_bound:.4g} (no CI)"
     if state.status == "added":

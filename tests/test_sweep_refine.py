@@ -401,8 +401,8 @@ def test_the_loop_through_fit_law_ladder_law_validation_plan_check(tmp_path):
                        validate={**VALIDATE, "levels": 7, "spacing": 0.1})
     sweep = load_sweep(path)
 
-    def truth(run):  # CP = 1e-3 * N^0.8, a smooth fall
-        cp = 1e-3 * run.params ** 0.8
+    def truth(run):  # CP = 5e-3 * N^0.8, a smooth fall with its plateau inside the levels
+        cp = 5e-3 * run.params ** 0.8
         return lambda x: 0.2 + 0.7 / (1 + (x / cp) ** 4)
 
     for run in sweep.runs:
@@ -418,7 +418,7 @@ def test_the_loop_through_fit_law_ladder_law_validation_plan_check(tmp_path):
     plan = json.loads((tmp_path / "runs_validate" / PLAN_FILE).read_text())
     assert check["predicted"] == pytest.approx(plan["curves"][0]["predicted"], rel=1e-9)
     assert check["levels"] == pytest.approx(plan["curves"][0]["levels"])
-    assert check["measured"] == pytest.approx(1e-3 * vsweep.runs[0].params ** 0.8, rel=0.1)
+    assert check["measured"] == pytest.approx(5e-3 * vsweep.runs[0].params ** 0.8, rel=0.1)
 
 
 def test_a_refit_with_the_same_coefficients_keeps_the_refined_levels(tmp_path):

@@ -38,6 +38,15 @@ def _chance(text: str):
         raise argparse.ArgumentTypeError(f"a number or 'auto', not {text!r}") from None
 
 
+def _ceiling(text: str):
+    if text in ("auto", "none"):
+        return None if text == "none" else text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a number, 'auto' or 'none', not {text!r}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     src = ap.add_mutually_exclusive_group(required=True)
@@ -64,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--chance", type=_chance,
                     help="known floor of the metric, e.g. 0.2 for 4 distractors, or 'auto' for "
                     "the retention_chance/<name> the evaluator logged (default: fitted)")
+    ap.add_argument("--ceiling", type=_ceiling, default="auto",
+                    help="largest value the metric can take; a plateau there counts as measured "
+                    "(default auto: 1 for accuracies, none otherwise; 'none' to disable)")
     ap.add_argument("--fraction", type=float, default=0.5,
                     help="collapse where retention above the floor falls to this share of its "
                     "plateau (default %(default)s)")
@@ -75,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     options = Options(
         metric=args.metric, infusion_kind=args.infusion_kind, fraction=args.fraction,
-        chance=args.chance, min_drop=args.min_drop, n_boot=args.bootstrap, seed=args.seed,
+        chance=args.chance, ceiling=args.ceiling, min_drop=args.min_drop, n_boot=args.bootstrap, seed=args.seed,
         confidence=args.confidence, fit=args.fit, terms=args.terms,
     )
     try:

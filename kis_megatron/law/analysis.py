@@ -33,6 +33,7 @@ class Options:
     n_boot: int = 1000
     seed: int = 0
     confidence: float = 0.95
+    ceiling: float | str | None = "auto"  # a number, None, or "auto": 1 for accuracies
     fit: str = "joint"  # joint | two-stage (see joint.py and fit.py)
     terms: str = "auto"  # auto | N | N,D (fit.law_design)
 
@@ -49,6 +50,8 @@ class Options:
             raise LawInputError(f"--bootstrap must be at least 10, got {self.n_boot}")
         if not 0.5 <= self.confidence < 1.0:
             raise LawInputError(f"--confidence must be in [0.5, 1), got {self.confidence}")
+        if isinstance(self.ceiling, str) and self.ceiling != "auto":
+            raise LawInputError(f"--ceiling takes a number, 'auto' or 'none', got {self.ceiling!r}")
         if isinstance(self.chance, str):
             if self.chance != "auto":
                 raise LawInputError(f"--chance takes a number or 'auto', got {self.chance!r}")
@@ -128,13 +131,24 @@ def logged_chance(rows: list[dict], metric: str) -> float:
     return float(np.mean(vals))
 
 
+ACCURACY_PREFIXES = ("retention", "exact_match")
+
+
+def ceiling_of(options: Options) -> float | None:
+    """The metric's largest possible value: ``options.ceiling``, with "auto" meaning 1 for
+    an accuracy (retention*, exact_match*) and none otherwise."""
+    if options.ceiling == "auto":
+        return 1.0 if options.metric.startswith(ACCURACY_PREFIXES) else None
+    return options.ceiling
+
+
 def locate(curves: list[Curve], options: Options, stream: int = 0) -> list[CollapsePoint]:
     """Each curve's collapse point by the documented detector (collapse.py); bootstrap
     streams are independent per curve (``stream`` separates other sets of curves)."""
     return [
         detect_collapse(curve, fraction=options.fraction, chance=options.chance,
                         min_drop=options.min_drop, n_boot=options.n_boot,
-                        confidence=options.confidence,
+                        confidence=options.confidence, ceiling=ceiling_of(options),
                         rng=np.random.default_rng([options.seed, i] + ([stream] if stream else [])))
         for i, curve in enumerate(curves)
     ]
@@ -196,4 +210,6 @@ def validate(result: Analysis, rows: list[dict]) -> None:
     check["levels"] = sorted({float(v) for v in curve.infusion})
     check["runs"] = int(curve.infusion.size)
     check["extrapolation"] = curve.model_params / max(fitted)
+    check["exposures_at_collapse"] = (curve.exposures_at(point.collapse_infusion)
+                                      if point.collapse_infusion is not None else None)
     result.validation, result.validation_curve, result.validation_point = check, curve, point

@@ -23,14 +23,20 @@ Method (the one this project documents and reports):
    ``width`` (decades) is at least a quarter of the smallest level spacing, so a step
    sharper than the grid is placed midway between the levels that bracket it, as
    log-scale interpolation would.
-5. The collapse point is where retention above the floor has fallen to ``fraction``
+5. The plateau must be measured: at least two levels before the fall within ``min_drop`` of
+   the maximum, or the maximum within ``min_drop / 2`` of a known ceiling (``ceiling``: 1 for
+   an accuracy).  Otherwise the curve is already falling at its first levels and the threshold,
+   a share of the plateau, is unknown: a higher plateau would put the collapse lower, so the
+   fitted crossing is only an upper bound (status ``plateau_unobserved_upper_bound``; extend
+   the levels down).
+6. The collapse point is where retention above the floor has fallen to ``fraction``
    (default 1/2) of the plateau above the floor: x_c = x0 + width * ln((1 - f) / f).  It is
    reported only if some measured level mean lies below that threshold and x_c lies inside
    the fitted range; otherwise the status is the matching bound, never an invented point.
    Without a known floor, a fall seen only at the largest infusion does not measure the
    floor: status ``floor_unobserved_lower_bound``, bounded below by the last level above
    the threshold.
-6. Confidence interval: residual bootstrap with a fixed seed.  The residuals of the fit are
+7. Confidence interval: residual bootstrap with a fixed seed.  The residuals of the fit are
    scaled by sqrt(n / (n - p)) (least-squares shrinkage, p fitted parameters) and by
    t_{n-p} / z (the noise level is estimated from few degrees of freedom), resampled with
    replacement onto the fitted curve, the step is refitted and x_c recomputed; the
@@ -57,6 +63,7 @@ COLLAPSE = "collapse"
 NO_COLLAPSE = "no_collapse_lower_bound"
 AT_START = "collapsed_at_start_upper_bound"
 FLOOR_UNOBSERVED = "floor_unobserved_lower_bound"
+PLATEAU_UNOBSERVED = "plateau_unobserved_upper_bound"
 
 _ASYMPTOTE_MARGIN = 0.1  # plateau/floor may leave the observed range by 10% of the drop
 
@@ -218,11 +225,13 @@ def detect_collapse(
     n_boot: int = 1000,
     confidence: float = 0.95,
     rng: np.random.Generator | None = None,
+    ceiling: float | None = None,
 ) -> CollapsePoint:
     """Locate the critical collapse point of one retention curve with a bootstrap CI, by the
     method in this module's docstring.  ``fraction``: share of the plateau above the floor
     that defines the collapse; ``chance``: known floor (e.g. 1/(K+1) for K distractors);
-    ``min_drop``: smallest fall (metric units) that counts as a collapse."""
+    ``min_drop``: smallest fall (metric units) that counts as a collapse; ``ceiling``: the
+    largest value the metric can take (1 for an accuracy), a plateau there counts as measured."""
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"fraction must be in (0, 1), got {fraction}")
     if min_drop <= 0:
@@ -273,6 +282,13 @@ def detect_collapse(
             note="the fitted threshold crossing lies before the first fitted level",
         )
     first_below = int(below[0])
+    on_plateau = int(np.sum(means[start:first_below] >= means[peak] - min_drop))
+    if on_plateau < 2 and not (ceiling is not None and means[peak] >= ceiling - min_drop / 2):
+        return CollapsePoint(
+            **base, status=PLATEAU_UNOBSERVED, upper_bound=float(10**xc),
+            note=f"the plateau is not measured (one level, {raw[peak]:.4g}, above the fall, at "
+            f"{means[peak]:.3g}): a higher plateau puts the collapse lower; add levels below",
+        )
     last_above = max(first_below - 1, start)
     if chance is None and first_below == levels.size - 1:
         # Without a known floor, one fallen level does not measure the floor, so the

@@ -11,7 +11,8 @@ from ``collapse.detect_collapse``) and proposes one more level:
   (so the new run lands on the fall, where the curve is least known); when that gap is too
   small to split, the widest other gap that overlaps the interval;
 - no fall in the measured range (a lower bound): a level ``extend`` times the largest;
-- collapsed already at the smallest level (an upper bound): the smallest over ``extend``;
+- collapsed already at the smallest level, or falling from it with no plateau measured (an
+  upper bound): the smallest over ``extend``;
 - otherwise (interval narrow enough, or the gap is too small to split): ``None``.
 
 It is a pure function of the measurements, so a sweep that re-reads its finished runs
@@ -24,7 +25,8 @@ import math
 
 import numpy as np
 
-from kis_megatron.law.collapse import AT_START, COLLAPSE, FLOOR_UNOBSERVED, NO_COLLAPSE, CollapsePoint
+from kis_megatron.law.collapse import (AT_START, COLLAPSE, FLOOR_UNOBSERVED, NO_COLLAPSE,
+                                      PLATEAU_UNOBSERVED, CollapsePoint)
 from kis_megatron.law.table import Curve
 
 
@@ -61,7 +63,7 @@ def next_level(curve: Curve, point: CollapsePoint, *, target_width: float = 0.15
 
     if point.status in (NO_COLLAPSE, FLOOR_UNOBSERVED):
         return fresh(min(levels[-1] * extend, hi_lim))
-    if point.status == AT_START:
+    if point.status in (AT_START, PLATEAU_UNOBSERVED):
         return fresh(max(levels[0] / extend, lo_lim))
     if point.status != COLLAPSE:
         return None

@@ -48,7 +48,9 @@ def law_json(a: Analysis) -> dict:
         "tokens_exponent_ci": list(law.coef_ci(2)) if law.use_tokens else None,
         "form": law.form(),
         "law_note": law.note or None,
-        "collapse_points": [p.to_json() | {"used_in_fit": p.status == COLLAPSE} for p in a.points],
+        "collapse_points": [p.to_json() | {"used_in_fit": p.status == COLLAPSE,
+                                           "exposures_at_collapse": _exposures(c, p)}
+                            for c, p in zip(a.curves, a.points)],
         "prediction": a.prediction,
         "heldout": a.heldout,
         "validation": a.validation,
@@ -66,6 +68,7 @@ def law_json(a: Analysis) -> dict:
             "fraction": o.fraction,
             "chance": o.chance,
             "min_drop": o.min_drop,
+            "ceiling": o.ceiling,
             "bootstrap": o.n_boot,
             "bootstrap_dropped": law.dropped_replicates,
             "seed": o.seed,
@@ -83,6 +86,11 @@ LAW_METHOD = {
     "two-stage": "least squares in log10 space through the per-curve collapse points; "
     "pipeline bootstrap over curve replicates",
 }
+
+
+def _exposures(curve, point) -> float | None:
+    """Mean exposures per fact at the collapse point (the trainer logs them per run)."""
+    return curve.exposures_at(point.collapse_infusion) if point.status == COLLAPSE else None
 
 
 def plots_of(a: Analysis) -> list[str]:
@@ -116,18 +124,19 @@ def report_markdown(a: Analysis) -> str:
         collapse_mod.__doc__.split("Method (the one this project documents and reports):")[1].strip(),
         "",
         f"Settings: fraction {o.fraction:g}, chance {o.chance if o.chance is not None else 'free floor'}, "
-        f"min_drop {o.min_drop:g}, {o.n_boot} bootstrap replicates (seed {o.seed}), "
+        f"min_drop {o.min_drop:g}, ceiling {o.ceiling if o.ceiling is not None else 'none'}, "
+        f"{o.n_boot} bootstrap replicates (seed {o.seed}), "
         f"{pct} percentile intervals.",
         "",
         _law_method_text(law),
         "",
         "## Collapse points",
         "",
-        "| N | D | status | collapse infusion | CI | bound | plateau | floor | threshold |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| N | D | status | collapse infusion | CI | bound | plateau | floor | threshold | exposures per fact at collapse |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     outside = []
-    for p in a.points:
+    for c, p in zip(a.curves, a.points):
         bound = p.lower_bound if p.lower_bound is not None else p.upper_bound
         f = p.fit
         flag = ""
@@ -137,7 +146,7 @@ def report_markdown(a: Analysis) -> str:
         lines.append(
             f"| {p.model_params:.4g} | {p.tokens:.4g} | {p.status} | {_g(p.collapse_infusion)}{flag} | "
             f"{_ci(p.ci)} | {_g(bound)} | {_g(f and f.plateau)} | {_g(f and f.floor)} | "
-            f"{_g(p.threshold)} |"
+            f"{_g(p.threshold)} | {_g(_exposures(c, p))} |"
         )
     if outside:
         lines += ["", f"{len(outside)} collapse point(s) lie outside their own percentile interval: "
@@ -243,6 +252,14 @@ def _validation_text(a: Analysis) -> list[str]:
         lines.append(f"Measured {v['measured']:.4g} against predicted {v['predicted']:.4g}: "
                      f"{100 * v['rel_error']:+.1f}% relative error, {verdict} the {pct} "
                      "prediction interval.")
+    seen = [(p.model_params, _exposures(c, p)) for c, p in zip(a.curves, a.points)]
+    seen = [(n, e) for n, e in seen if e is not None]
+    if seen and v.get("exposures_at_collapse"):
+        seen.append((v["model_params"], v["exposures_at_collapse"]))
+        lines += ["", "Mean exposures per fact at the collapse point (how often a fact was seen "
+                  "where retention fell to half): " + ", ".join(f"N={n:.3g}: {e:.3g}" for n, e in seen)
+                  + ". A power law in N holds while these keep falling with N; where they level off, "
+                  "more parameters no longer buy fewer exposures and the law overpredicts."]
     return lines
 
 

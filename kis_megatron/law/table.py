@@ -46,6 +46,16 @@ class Curve:
     infusion: np.ndarray  # (n,) > 0
     value: np.ndarray  # (n,)
     n_probes: np.ndarray | None = None  # (n,) probes behind each value, when known
+    exposures: np.ndarray | None = None  # (n,) mean exposures per domain fact, when logged
+
+    def exposures_at(self, infusion: float) -> float | None:
+        """Mean exposures per fact at ``infusion``, interpolated in log-log between the
+        measured levels (None when not logged or outside the levels)."""
+        if self.exposures is None or not self.infusion[0] <= infusion <= self.infusion[-1]:
+            return None
+        x, inv = np.unique(np.log10(self.infusion), return_inverse=True)
+        e = np.bincount(inv, weights=np.log10(self.exposures)) / np.bincount(inv)
+        return float(10 ** np.interp(np.log10(infusion), x, e))
 
     @property
     def label(self) -> str:
@@ -223,9 +233,11 @@ def select_curves(
         x = np.array([r["infusion"] for r in rs], dtype=float)
         y = np.array([r["value"] for r in rs], dtype=float)
         k = np.array([np.nan if r.get("n_probes") is None else r["n_probes"] for r in rs], dtype=float)
+        e = np.array([np.nan if r.get("exposures") is None else r["exposures"] for r in rs], dtype=float)
         order = np.argsort(x, kind="stable")
         known = bool(np.all(np.isfinite(k) & (k >= 1)))
-        c = Curve(n, d, x[order], y[order], k[order] if known else None)
+        logged = bool(np.all(np.isfinite(e) & (e > 0)))
+        c = Curve(n, d, x[order], y[order], k[order] if known else None, e[order] if logged else None)
         if np.unique(c.infusion).size < 4:
             raise LawInputError(
                 f"{c.label} has {np.unique(c.infusion).size} distinct infusion level(s); "

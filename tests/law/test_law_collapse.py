@@ -8,9 +8,11 @@ from kis_megatron.law.collapse import (
     COLLAPSE,
     FLOOR_UNOBSERVED,
     NO_COLLAPSE,
+    PLATEAU_UNOBSERVED,
     detect_collapse,
     step_curve,
 )
+from kis_megatron.law.refine import next_level
 from kis_megatron.law.table import Curve
 
 LEVELS = np.geomspace(10.0, 10_000.0, 10)
@@ -153,3 +155,21 @@ def test_bad_settings_are_rejected(true_retention):
         detect_collapse(curve(LEVELS, y), fraction=1.0)
     with pytest.raises(ValueError, match="min_drop"):
         detect_collapse(curve(LEVELS, y), min_drop=0)
+
+
+def test_a_curve_falling_from_its_first_level_has_no_measured_plateau():
+    # The validation model's first level already lies on the fall: the threshold (a share of
+    # the plateau) is unknown, so the crossing is only an upper bound, and refining extends down.
+    x = np.array([441.0, 699, 1108, 1755])
+    curve = Curve(1e6, 1e9, x, np.array([0.76, 0.52, 0.27, 0.20]))
+    p = detect_collapse(curve, chance=0.2, ceiling=1.0, n_boot=50)
+    assert p.status == PLATEAU_UNOBSERVED and p.collapse_infusion is None
+    assert 441 < p.upper_bound < 1108 and "add levels below" in p.note
+    assert next_level(curve, p, integer=True) == 220
+    # at the ceiling, or with two flat levels at the start, the plateau is measured
+    at_top = Curve(1e6, 1e9, x, np.array([1.0, 0.52, 0.27, 0.20]))
+    assert detect_collapse(at_top, chance=0.2, ceiling=1.0, n_boot=50).status == COLLAPSE
+    flat = Curve(1e6, 1e9, np.array([220.0, 441, 699, 1108, 1755]), np.array([0.78, 0.76, 0.52, 0.27, 0.20]))
+    assert detect_collapse(flat, chance=0.2, ceiling=1.0, n_boot=50).status == COLLAPSE
+    # without a ceiling, a curve at 1.0 that falls at once is not known to have plateaued
+    assert detect_collapse(at_top, chance=0.2, n_boot=50).status == PLATEAU_UNOBSERVED

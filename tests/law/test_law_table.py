@@ -131,3 +131,13 @@ def test_too_few_infusion_levels(make_rows):
     rows = make_rows(sizes=(1e6, 1e7), levels=np.array([0.1, 0.2, 0.4]))
     with pytest.raises(LawInputError, match="3 distinct infusion level\\(s\\); .* at least 4"):
         select_curves(rows, "retention/domain")
+
+
+def test_exposures_at_interpolates_in_log_log_between_levels():
+    from kis_megatron.law.table import Curve
+
+    x = np.array([32.0, 32.0, 128.0, 512.0])
+    c = Curve(1e6, 1e9, x, np.array([1.0, 0.9, 0.5, 0.2]), exposures=np.array([400.0, 400.0, 100.0, 25.0]))
+    assert c.exposures_at(64.0) == pytest.approx(200.0)  # exposures ~ 1 / facts: exact in log-log
+    assert c.exposures_at(512.0) == pytest.approx(25.0)
+    assert c.exposures_at(1024.0) is None and Curve(1e6, 1e9, x, x).exposures_at(64.0) is None
