@@ -47,9 +47,9 @@ from kis_megatron.parallel.data_parallel import all_reduce_grads, apply_ddp, no_
 from kis_megatron.parallel.dims import ParallelDims, any_rank, destroy_distributed, from_rank0, init_distributed
 from kis_megatron.parallel.pipeline import Pipeline, PipelineLayout, check_microbatches, tied_embedding_group
 from kis_megatron.parallel.tensor_parallel import apply_tp, check_tp, clip_grad_norm_
-from kis_megatron.training.device import autocast_context, peak_tflops, resolve_device
 from kis_megatron.training.checkpoint import (CheckpointError, CheckpointManager, check_fits, damage,
                                                model_shapes, set_rng_state)
+from kis_megatron.training.device import autocast_context, peak_tflops, resolve_device
 from kis_megatron.training.logger import MetricsLogger
 from kis_megatron.training.optim import build_optimizer, build_scheduler
 from kis_megatron.utils import atomic_write_json

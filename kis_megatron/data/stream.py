@@ -145,12 +145,11 @@ def build_train_stream(d: DataConfig, inf: InfusionConfig, *, vocab_size: int, s
     shards checked against the model's ``vocab_size`` (``model.vocab_size``), shuffled with
     ``seed`` (``train.seed``), blended into ``global_batch`` windows a step for ``steps``
     steps (``train.global_batch``, ``train.steps``: the ratio targets span the whole run)."""
-    vocab = vocab_size
     check_one_tokenizer([("data.train", d.train), ("data.valid", d.valid),
                          ("infusion.domain", inf.domain)]
                         + [(f"infusion.domains.{s.name}", s.path) for s in inf.domains])
-    general = TokenWindowSource(open_shard(d.train, "data.train", vocab, d.tokenizer), d.seq_len,
-                                seed, "general")
+    general = TokenWindowSource(open_shard(d.train, "data.train", vocab_size, d.tokenizer),
+                                d.seq_len, seed, "general")
     specs = [(s.name, s.path, s.ratio) for s in inf.domains]
     if inf.domain:
         specs.insert(0, ("domain", inf.domain, inf.ratio))
@@ -163,7 +162,7 @@ def build_train_stream(d: DataConfig, inf: InfusionConfig, *, vocab_size: int, s
     shards = [f"data.train: shard {d.train}"]
     for name, path, ratio in specs:
         key = "infusion.domain" if name == "domain" and path == inf.domain else f"infusion.domains.{name}"
-        ds = open_shard(path, key, vocab, d.tokenizer)
+        ds = open_shard(path, key, vocab_size, d.tokenizer)
         labels = load_doc_labels(path)
         if inf.facts is not None and path == inf.domain:
             ds, labels = _first_facts(ds, labels, inf.facts, path, d.seq_len)
@@ -179,7 +178,7 @@ def build_train_stream(d: DataConfig, inf: InfusionConfig, *, vocab_size: int, s
         describe["domain_documents"] = describe["domains"][0]["documents"]
     blender = InfusionBlender(general, domains, ratios, d.seq_len, global_batch, seed, steps,
                               repeat=inf.repeat)
-    return TrainStream(blender, dp_rank, dp_size, describe, vocab, shards)
+    return TrainStream(blender, dp_rank, dp_size, describe, vocab_size, shards)
 
 
 def _first_facts(ds, labels, facts: int, path: str, seq_len: int):
