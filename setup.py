@@ -34,6 +34,7 @@ setup(
     extras_require={
         "dev": [
             "pytest>=7",
+            "pytest-timeout>=2.1",
             "hypothesis>=6.80",
             "triton>=3.0",
             "megatron-core>=0.9",

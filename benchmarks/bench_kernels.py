@@ -124,22 +124,6 @@ def build_cases(device: str, dtype: torch.dtype, shapes: dict, use_compile: bool
                           partial(kernels.rms_norm_reference, x.float(), w.float()),
                           bytes_moved=5 * T * H * el))
 
-    H = shapes["rms_hidden"][len(shapes["rms_hidden"]) // 2]
-    x, r, w = rand(T, H), rand(T, H), rand(H, scale=0.1) + 1.0
-
-    def fused_add_norm(fn):
-        return lambda a, c, b: fn(a, b, 1e-6, c)
-
-    impls = {
-        "ours": partial(_impl, fused_add_norm(kernels.rms_norm), x, r, w),
-        "torch eager": partial(_impl, fused_add_norm(kernels.rms_norm_reference), x, r, w),
-    }
-    if use_compile:
-        impls["torch.compile"] = partial(_impl, fused_add_norm(compile_(kernels.rms_norm_reference)), x, r, w)
-    cases.append(Case("rms_norm+residual", f"{T}x{H}", impls,
-                      partial(kernels.rms_norm_reference, x.float(), w.float(), 1e-6, r.float()),
-                      bytes_moved=8 * T * H * el))
-
     B, S, HQ, HKV, D = shapes["rope"]
     q, k = rand(B, S, HQ, D), rand(B, S, HKV, D)
     theta = torch.arange(S, dtype=torch.float64)[:, None] * 10000.0 ** (-torch.arange(D // 2) / (D // 2))

@@ -39,10 +39,10 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from kernels.linear_cross_entropy import linear_cross_entropy_launch_config
-from kernels.rms_norm import rms_norm_launch_config
-from kernels.rope import rope_launch_config
-from kernels.swiglu import swiglu_launch_config
+from kernels.ops.linear_cross_entropy import linear_cross_entropy_launch_config
+from kernels.ops.rms_norm import rms_norm_launch_config
+from kernels.ops.rope import rope_launch_config
+from kernels.ops.swiglu import swiglu_launch_config
 
 # Per-block limits of the targets (CUDA C Programming Guide, compute capabilities table):
 # max shared memory per block with opt-in, registers per block; 255 registers per thread.
@@ -67,7 +67,7 @@ class Launch:
     """One kernel launch configuration: which kernel, its runtime argument sample values
     (in the kernel's order), its compile-time constants and num_warps."""
 
-    op: str  # the op module under kernels/, e.g. "rms_norm"
+    op: str  # the op module under kernels/ops/, e.g. "rms_norm"
     kernel: str  # the kernel's name in that module, e.g. "_rms_norm_forward_kernel"
     dtype: str  # data dtype of the launch (for the tables)
     args: tuple  # ((name, Ptr | int | float), ...)
@@ -113,16 +113,13 @@ def _launches(dim, n_heads, n_kv_heads, head_dim, vocab_local, dtype, n) -> list
     p, f32 = Ptr(dtype), Ptr("fp32")
     out = []
     consts, warps = _split(rms_norm_launch_config(dim))
-    for residual in (False, True):
-        out.append(Launch("rms_norm", "_rms_norm_forward_kernel", dtype, (
-            ("X", p), ("stride_x", dim), ("R", p), ("stride_r", dim), ("S", p), ("stride_s", dim),
-            ("W", p), ("Y", p), ("stride_y", dim), ("RSTD", f32), ("n_cols", dim), ("eps", 1e-5)),
-            (("HAS_RESIDUAL", residual),) + consts, warps))
-        out.append(Launch("rms_norm", "_rms_norm_backward_kernel", dtype, (
-            ("DY", p), ("stride_dy", dim), ("S", p), ("stride_s", dim), ("W", p), ("RSTD", f32),
-            ("DX", p), ("stride_dx", dim), ("DSUM", p), ("stride_dsum", dim), ("DW_PARTIAL", f32),
-            ("n_rows", n), ("n_cols", dim), ("rows_per_program", n)),
-            (("HAS_DSUM", residual),) + consts, warps))
+    out.append(Launch("rms_norm", "_rms_norm_forward_kernel", dtype, (
+        ("X", p), ("stride_x", dim), ("W", p), ("Y", p), ("stride_y", dim), ("RSTD", f32),
+        ("n_cols", dim), ("eps", 1e-5)), consts, warps))
+    out.append(Launch("rms_norm", "_rms_norm_backward_kernel", dtype, (
+        ("DY", p), ("stride_dy", dim), ("X", p), ("stride_x", dim), ("W", p), ("RSTD", f32),
+        ("DX", p), ("stride_dx", dim), ("DW_PARTIAL", f32),
+        ("n_rows", n), ("n_cols", dim), ("rows_per_program", n)), consts, warps))
     for heads in sorted({n_heads, n_kv_heads}):  # q and k
         consts, warps = _split(rope_launch_config(heads, head_dim))
         stride_s = heads * head_dim
@@ -154,7 +151,7 @@ def _launches(dim, n_heads, n_kv_heads, head_dim, vocab_local, dtype, n) -> list
 
 
 def _jitted(launch: Launch):
-    module = importlib.import_module(f"kernels.{launch.op}")
+    module = importlib.import_module(f"kernels.ops.{launch.op}")
     return getattr(module, launch.kernel).jitted()
 
 

@@ -9,6 +9,7 @@ is a ``ConfigError`` that names the key. Each part of the trainer receives only 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import types
 import typing
@@ -19,6 +20,9 @@ from typing import Any, Optional, Union
 import yaml
 
 from kis_megatron.errors import KisError
+from kis_megatron.model.presets import PRESETS
+from kis_megatron.utils import atomic_write_text
+
 
 class ConfigError(KisError, ValueError):
     """A configuration the user must fix; the message names the offending key."""
@@ -206,8 +210,6 @@ def _apply_override(raw: dict, item: str) -> None:
 
 
 def _with_preset(raw: dict) -> dict:
-    from kis_megatron.model.presets import PRESETS  # local: the model imports this module
-
     model = raw.get("model") or {}
     if not isinstance(model, dict):
         raise ConfigError("model: must be a mapping")
@@ -311,7 +313,8 @@ def validate(cfg: Config) -> None:
     _check(t.micro_batch > 0, "train.micro_batch", "must be positive")
     _check(t.global_batch > 0 and t.global_batch % t.micro_batch == 0, "train.global_batch",
            f"{t.global_batch} must be a positive multiple of train.micro_batch={t.micro_batch}")
-    _check(t.lr > 0 and 0 <= t.min_lr <= t.lr, "train.min_lr", "need 0 <= min_lr <= lr and lr > 0")
+    _check(t.lr > 0, "train.lr", f"{t.lr} must be > 0")
+    _check(0 <= t.min_lr <= t.lr, "train.min_lr", f"{t.min_lr} must be in [0, train.lr={t.lr}]")
     _check(0 <= t.warmup_steps, "train.warmup_steps", "must be >= 0")
     _check(t.schedule in ("cosine", "wsd", "constant"), "train.schedule",
            f"{t.schedule!r} is not one of cosine, wsd, constant")
@@ -380,9 +383,38 @@ def _validate_facts(inf: InfusionConfig) -> None:
 
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the fully resolved config as YAML (atomically)."""
-    from kis_megatron.utils import atomic_write_text
-
     atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def load_run_config(run_dir: str | Path) -> Config:
+    """The config of a run directory (its ``config.yaml``), for the tools that work on a
+    finished run from anywhere: relative paths in it (shards, tokenizer, probe files, an
+    ``hf:`` start) are made absolute against the directory the run was launched from, which
+    the trainer records in ``run.json`` as ``launch_dir`` (a run without it: the current
+    directory, as before)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
+    cfg = load_config(run_dir / "config.yaml")
+    try:
+        base = json.loads((run_dir / "run.json").read_text()).get("launch_dir")
+    except (OSError, ValueError, AttributeError):
+        base = None
+    if not isinstance(base, str) or not base:
+        return cfg
+
+    def at(p: Optional[str]) -> Optional[str]:
+        return str(Path(base) / p) if p and not Path(p).is_absolute() else p
+
+    d, inf = cfg.data, cfg.infusion
+    d.train, d.valid, d.tokenizer = at(d.train), at(d.valid), at(d.tokenizer)
+    inf.domain = at(inf.domain)
+    for src in inf.domains:
+        src.path = at(src.path)
+    cfg.eval.probes = {name: at(p) for name, p in cfg.eval.probes.items()}
+    if cfg.model.init_from and cfg.model.init_from.startswith("hf:"):
+        cfg.model.init_from = "hf:" + at(cfg.model.init_from[3:])
+    return cfg
 
 
 def _validate_layout(cfg: Config) -> None:

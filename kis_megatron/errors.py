@@ -3,9 +3,12 @@
 Every entry point (``kis-train``, each script in ``tools/``) catches :class:`KisError`, prints
 ``error: <message>`` and exits with status 2; anything else that escapes is a bug and keeps
 its traceback. Subclasses name the file, key or step to fix: ``ConfigError`` (config.py),
-``DataError`` (data/errors.py), ``KnowledgeError`` (data/knowledge.py), ``CheckpointError``
-(training/checkpoint.py), ``TrainingDiverged`` (train.py), ``LawInputError`` (law/table.py).
+``DataError`` and ``InfusionError`` (data/errors.py), ``KnowledgeError`` (data/knowledge.py),
+``CheckpointError`` (training/checkpoint.py), ``TrainingDiverged`` (train.py), ``LawInputError``
+(law/table.py), ``InteropError`` (interop/hf.py).
 """
+
+import sys
 
 
 class KisError(Exception):
@@ -14,7 +17,5 @@ class KisError(Exception):
 
 def exit_with(e: KisError) -> int:
     """The entry points' convention: ``error: ...`` on stderr, exit status 2."""
-    import sys
-
     print(f"error: {e}", file=sys.stderr)
     return 2

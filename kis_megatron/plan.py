@@ -28,7 +28,7 @@ model is laid out on the meta device), what each rank of that layout holds and d
 The world size comes from ``--plan-world N`` (default ``$WORLD_SIZE``, else tp x pp: dp = 1);
 the planner needs no torchrun. Accuracy, checked in ``tests/test_plan.py``: parameter counts
 exact; weights, gradients and optimizer state exact against a built model and optimizer;
-activations within 5 % of the bytes a real CPU step keeps (reference and Triton paths, fp32).
+activations within 2 % of the bytes a real CPU step keeps (reference and Triton paths, fp32).
 Derived from the code but not measured here: bf16 activations on CUDA and the pipeline
 schedules' in-flight micro-batches (activations at tp=2 with and without sp are measured on
 two gloo ranks: exact). Not modelled: the CUDA context, NCCL buffers and allocator fragmentation (the fit check keeps 10 %
@@ -39,25 +39,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 from dataclasses import dataclass
 
 import torch
 
+from kernels.ops.linear_cross_entropy import default_chunk_rows
 from kis_megatron.config import Config, ConfigError
+from kis_megatron.model.llama import ModelDims, Transformer, llama_ffn_dim, model_sizes
+from kis_megatron.parallel.pipeline import PipelineLayout, check_microbatches
+from kis_megatron.parallel.tensor_parallel import check_tp
+from kis_megatron.training.device import GPUS
 
-# name: (description, memory GiB, dense bf16 TFLOP/s, dense tf32 TFLOP/s) from the vendors' data
-# sheets (no sparsity). Usable memory is taken as 90 % of it.
-GPUS = {
-    "h100": ("NVIDIA H100 SXM 80GB", 80, 989.0, 494.0),
-    "h200": ("NVIDIA H200 141GB", 141, 989.0, 494.0),
-    "a100": ("NVIDIA A100 SXM 80GB", 80, 312.0, 156.0),
-    "a100-40gb": ("NVIDIA A100 40GB", 40, 312.0, 156.0),
-    "b200": ("NVIDIA B200 180GB", 180, 2250.0, 1100.0),
-}
-USABLE = 0.9
+USABLE = 0.9  # of a GPU's memory (GPUS, training/device.py) a plan may fill
 _GIB = 1024 ** 3
 
 _COLUMN = ("wq", "wk", "wv", "w_gate", "w_up")  # sharded by output rows (apply_tp)
@@ -90,16 +85,12 @@ class Layout:
 
 def resolve_layout(cfg: Config, world: int) -> Layout:
     """The layout of ``cfg`` on ``world`` processes, with the trainer's own checks."""
-    from kis_megatron.model.llama import Dims
-    from kis_megatron.parallel.pipeline import check_microbatches
-    from kis_megatron.parallel.tensor_parallel import check_tp
-
     par, t = cfg.parallel, cfg.train
     if world < 1 or world % (par.tp * par.pp):
         raise ConfigError(f"--plan-world {world} is not a multiple of parallel.tp * parallel.pp = "
                           f"{par.tp * par.pp}")
     dp = world // (par.tp * par.pp)
-    check_tp(Dims.from_config(cfg.model), par.tp)
+    check_tp(ModelDims.from_config(cfg.model), par.tp)
     if t.global_batch % (t.micro_batch * dp):
         raise ConfigError(f"train.global_batch={t.global_batch} must be a multiple of "
                           f"micro_batch * dp = {t.micro_batch * dp}")
@@ -116,9 +107,6 @@ def stage_parameters(cfg: Config, layout: Layout) -> list[dict]:
     rank (``owned_tp0`` for tensor-parallel rank 0, which also owns the replicated norms),
     the sizes of the tensors it steps (for ZeRO-1) and of its block linears (for autocast's
     bf16 copies)."""
-    from kis_megatron.model.llama import Transformer
-    from kis_megatron.parallel.pipeline import PipelineLayout
-
     out = []
     for pp_rank in range(layout.pp):
         with torch.device("meta"):
@@ -182,8 +170,6 @@ def activation_bytes(cfg: Config, layout: Layout, stage: dict, cuda: bool, bf16:
     kv_heads = m.n_kv_heads or m.n_heads
     ffn = m.ffn_dim
     if ffn is None:
-        from kis_megatron.model.llama import llama_ffn_dim
-
         ffn = llama_ffn_dim(m.dim)
     N = t.micro_batch * cfg.data.seq_len
     Nr = N // tp if sp else N
@@ -209,8 +195,6 @@ def activation_bytes(cfg: Config, layout: Layout, stage: dict, cuda: bool, bf16:
         vocab = m.vocab_size // tp
         per_mb += norm  # the final norm
         if m.kernels:  # fused loss: gradients computed in forward, kept for the backward
-            from kernels.linear_cross_entropy import default_chunk_rows
-
             g = 4 if ref else a
             per_mb += N * h * g + vocab * h * g
             chunk = default_chunk_rows(N, h, vocab)
@@ -274,8 +258,6 @@ def comm_bytes(cfg: Config, layout: Layout, stage: dict, bf16: bool) -> dict:
 def plan(cfg: Config, world: int, gpu: str | None = "h100", mfu: float = 0.4) -> dict:
     """The plan of ``cfg`` on ``world`` processes (see the module doc); ``gpu`` a key of
     ``GPUS`` or None for the CPU path (no fit check, no step time)."""
-    from kis_megatron.model.llama import model_sizes
-
     if gpu is not None and gpu not in GPUS:
         raise ConfigError(f"--plan-gpu {gpu!r}: choose from {', '.join(GPUS)} (or cpu)")
     if not 0 < mfu <= 1:
@@ -325,8 +307,8 @@ def plan(cfg: Config, world: int, gpu: str | None = "h100", mfu: float = 0.4) ->
         "warnings": [],
     }
     if cuda:
-        name, gib, peak_bf16, peak_tf32 = GPUS[gpu]
-        peak = (peak_bf16 if bf16 else peak_tf32) * 1e12
+        name, gib = GPUS[gpu].name, GPUS[gpu].memory_gib
+        peak = GPUS[gpu].peak_tflops(bf16) * 1e12
         step = flops / (layout.world * peak * mfu)
         usable = int(USABLE * gib * _GIB)
         out["gpu"] = {"name": name, "memory_bytes": gib * _GIB, "usable_bytes": usable,

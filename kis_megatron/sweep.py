@@ -79,10 +79,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import torch
 import yaml
+from tqdm import tqdm
 
 from kis_megatron.config import ConfigError, load_config
-from kis_megatron.errors import KisError, exit_with
+from kis_megatron.model.llama import Transformer
+from kis_megatron.training.checkpoint import CheckpointManager
 from kis_megatron.sweep_spec import (
     Axis,
     Point,
@@ -274,10 +277,6 @@ def add_refined_runs(sweep: Sweep) -> None:
 
 
 def _param_count(cfg) -> int:
-    import torch
-
-    from kis_megatron.model.llama import Transformer
-
     with torch.device("meta"):
         return Transformer(cfg.model).num_params()
 
@@ -294,8 +293,6 @@ def run_info(run: SweepRun) -> dict:
 def run_status(run: SweepRun) -> str:
     """finished | failed (run.json says so; tried again) | partial (resumes from a complete
     checkpoint) | interrupted (started, no complete checkpoint: resumes afresh) | new."""
-    from kis_megatron.training.checkpoint import CheckpointManager
-
     status = run_info(run).get("status")
     if status in ("finished", "failed"):
         return status
@@ -347,9 +344,14 @@ _AGAIN = {"partial": "interrupted earlier; resumes from its latest checkpoint",
           "failed": "failed earlier; tried again"}
 
 
+TRAINER = "kis_megatron.train"  # run by name, as `python -m` does: the sweep never imports it
+
+
 def _train_in_child(args: list[str], log_path: str) -> None:
-    """A forked run: the trainer's output goes to its train.log, its exit code is the
-    trainer's, as for a subprocess."""
+    """A forked run: ``python -m kis_megatron.train ARGS`` in this process, its output in the
+    run's train.log, its exit code the trainer's, as for a subprocess."""
+    import runpy
+
     fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
@@ -357,9 +359,12 @@ def _train_in_child(args: list[str], log_path: str) -> None:
     os.environ["PYTHONUNBUFFERED"] = "1"
     sys.stdout = open(1, "w", buffering=1, closefd=False)
     sys.stderr = open(2, "w", buffering=1, closefd=False)
-    from kis_megatron.train import main as train_main
-
-    code = train_main(args)
+    sys.argv = [TRAINER, *args]
+    code = 0
+    try:
+        runpy.run_module(TRAINER, run_name="__main__", alter_sys=True)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
@@ -378,7 +383,7 @@ class _ForkedRun:
 
         if _ForkedRun._context is None:
             ctx = multiprocessing.get_context("forkserver")
-            ctx.set_forkserver_preload(["kis_megatron.train"])
+            ctx.set_forkserver_preload([TRAINER])
             _ForkedRun._context = ctx
         self.proc = _ForkedRun._context.Process(target=_train_in_child, args=(args, str(log_path)))
         self.proc.start()
@@ -405,8 +410,6 @@ def run_local(sweep: Sweep, jobs: int = 1, progress: bool = True, log=print) -> 
         log(f"sweep: {len(outcome)} of {len(sweep.runs)} runs already finished, skipped")
     bar = None
     if progress and todo:
-        from tqdm import tqdm
-
         bar = tqdm(total=len(todo), unit="run", desc="sweep", disable=not sys.stderr.isatty())
     running: list[tuple[SweepRun, object, float]] = []
     queue = list(todo)
@@ -439,70 +442,3 @@ def run_local(sweep: Sweep, jobs: int = 1, progress: bool = True, log=print) -> 
     if bar is not None:
         bar.close()
     return outcome
-
-
-def _stderr(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    import argparse
-
-    ap = argparse.ArgumentParser(prog="tools/sweep.py", description=__doc__.split("\n\n")[0])
-    ap.add_argument("sweep", help="sweep YAML file")
-    ap.add_argument("--jobs", type=int, default=1, help="runs at a time (each should use 1/jobs of the cores)")
-    ap.add_argument("--print-launch", choices=["torchrun", "slurm"],
-                    help="print the cluster commands for the unfinished runs instead of running them")
-    ap.add_argument("--list", action="store_true", help="list the runs and their status (plans nothing)")
-    ap.add_argument("--refine", action="store_true",
-                    help="add infusion levels where each curve's collapse is least known (refine: section); "
-                    "with --print-launch: plan one round from the finished runs, then print")
-    ap.add_argument("--validate", metavar="LAW_JSON",
-                    help="work on the validation runs (validate: section) centred on the collapse point "
-                    "that LAW_JSON (written by tools/fit_law.py) predicts for the larger model")
-    ap.add_argument("--force-new-plan", action="store_true",
-                    help="with --validate: replace a validation plan made from another law.json "
-                    "(finished runs are kept)")
-    args = ap.parse_args(argv)
-    try:
-        if args.force_new_plan and not args.validate:
-            raise ConfigError("--force-new-plan goes with --validate LAW_JSON")
-        if args.jobs < 1:
-            raise ConfigError("--jobs must be >= 1")
-        sweep = load_sweep(args.sweep)
-        if args.refine and sweep.refine is None:
-            raise ConfigError(f"{args.sweep}: --refine needs a refine: section in the sweep file")
-        if args.validate:
-            from kis_megatron.sweep_validate import validation_sweep
-
-            sweep = validation_sweep(sweep, args.validate, force_new_plan=args.force_new_plan,
-                                     write=not args.list, log=_stderr)
-        if args.list or args.print_launch:  # let `| head` end the listing quietly
-            import signal
-
-            signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-        if args.list:
-            for r in sweep.runs:
-                origin = "" if r.origin == "grid" else f"  ({r.origin})"
-                print(f"{r.run_id:30s} {r.params:>12,d} params  {run_status(r)}{origin}")
-            return 0
-        if args.print_launch:
-            if args.refine:
-                from kis_megatron.sweep_refine import plan_refinement
-
-                plan_refinement(sweep, log=_stderr)
-            sys.stdout.write(print_launch(sweep, args.print_launch))
-            return 0
-        if args.refine:
-            from kis_megatron.sweep_refine import refine_local
-
-            outcome = refine_local(sweep, jobs=args.jobs)
-        else:
-            outcome = run_local(sweep, jobs=args.jobs)
-    except KisError as e:
-        return exit_with(e)
-    failed = [k for k, v in outcome.items() if v.startswith("FAILED")]
-    if failed:
-        print(f"error: {len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr)
-        return 1
-    return 0

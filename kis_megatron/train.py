@@ -22,15 +22,16 @@ everything is logged to ``<log.dir>/metrics.jsonl`` and TensorBoard.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 
 from kernels.dispatch import KernelBackendError
 from kis_megatron.config import (RESUMABLE_KEYS, Config, ConfigError, load_config, resume_conflicts,
@@ -38,7 +39,8 @@ from kis_megatron.config import (RESUMABLE_KEYS, Config, ConfigError, load_confi
 from kis_megatron.data.stream import TrainStream, build_train_stream, build_validation_windows
 from kis_megatron.errors import KisError, exit_with
 from kis_megatron.interop.hf import load_init
-from kis_megatron.model.llama import Dims, Transformer, build_model, compile_blocks, model_sizes
+from kis_megatron.eval.probing import ProbeRunner
+from kis_megatron.model.llama import ModelDims, Transformer, build_model, compile_blocks, model_sizes
 from kis_megatron.model.recompute import apply_recompute
 from kis_megatron import plan
 from kis_megatron.parallel.data_parallel import all_reduce_grads, apply_ddp, no_grad_sync
@@ -47,6 +49,7 @@ from kis_megatron.parallel.pipeline import Pipeline, PipelineLayout, check_micro
 from kis_megatron.parallel.tensor_parallel import apply_tp, check_tp, clip_grad_norm_
 from kis_megatron.training.checkpoint import (CheckpointError, CheckpointManager, check_fits, damage,
                                                model_shapes, set_rng_state)
+from kis_megatron.training.device import autocast_context, peak_tflops, resolve_device
 from kis_megatron.training.logger import MetricsLogger
 from kis_megatron.training.optim import build_optimizer, build_scheduler
 from kis_megatron.utils import atomic_write_json
@@ -56,47 +59,43 @@ class TrainingDiverged(KisError):
     """The loss or gradient norm stopped being finite (more often than train.skip_nonfinite_steps)."""
 
 
-# Dense peak TFLOP/s per GPU from the vendors' data sheets (bf16 / tf32 tensor cores, no
-# sparsity), for MFU. Matched against torch.cuda.get_device_name.
-_PEAK_TFLOPS = {"H200": (989.0, 494.0), "H100": (989.0, 494.0), "A100": (312.0, 156.0)}
-
-
-def peak_tflops(device: torch.device, dtype: str) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, (bf16, tf32) in _PEAK_TFLOPS.items():
-        if key in name:
-            return bf16 if dtype in ("auto", "bf16") else tf32
-    return None
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device: cuda was asked for but no CUDA device is available")
-    return torch.device(name)
-
-
-def autocast_context(device: torch.device, dtype: str):
-    """bf16 autocast on CUDA by default; fp32 on CPU unless bf16 is asked for explicitly."""
-    use_bf16 = dtype == "bf16" or (dtype == "auto" and device.type == "cuda")
-    if use_bf16:
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 class Trainer:
+    """Built in the order the data flows, each step from its own config sections: the
+    processes and the device (``parallel``, ``train``), the run directory (``log``,
+    ``checkpoint``: a new run or a resume), the data (``data``, ``infusion``), the model and
+    its parallel layout (``model``, ``parallel``), the optimizer (``train``), the resumed
+    state (``checkpoint``) and the probes (``eval``)."""
+
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        self.dims = ParallelDims.from_env(cfg.parallel)
-        check_tp(Dims.from_config(cfg.model), self.dims.tp)  # before any process waits on a peer
-        dp_rank, dp_size = self.dims.dp_rank, self.dims.dp
-        self.dp_rank, self.dp_size = dp_rank, dp_size
-        self.is_main = self.dims.is_main
         self.run_dir = Path(cfg.log.dir)
-        t = cfg.train
+        self.launch_dir = os.getcwd()  # run.json records it: tools resolve relative paths from it
+        self._setup_processes()
+        resume_from = self._open_run_dir()
+        self._build_data()
+        self._build_model()
+        self._apply_parallelism()
+        self._build_optimizer()
+        self.step = 0
+        self.nonfinite_steps = 0  # steps skipped so far because the loss or gradients were not finite
+        if resume_from is not None:
+            self._load(resume_from)
+        self.probes = (ProbeRunner(cfg.eval, cfg.data.tokenizer, self.device, facts=cfg.infusion.facts)
+                       if cfg.eval.probes else None)
+        if self.dims.world_size > 1:  # every rank has checked the run dir before any writes
+            dist.barrier()
+
+    # ---------------------------------------------------------------- build steps
+
+    def _setup_processes(self) -> None:
+        """The parallel layout, this rank's device and process groups, and the gradient
+        accumulation they imply; the checks a rank can make alone come before any process
+        waits on a peer."""
+        cfg, t = self.cfg, self.cfg.train
+        self.dims = ParallelDims.from_env(cfg.parallel)
+        check_tp(ModelDims.from_config(cfg.model), self.dims.tp)
+        self.dp_rank, self.dp_size = self.dims.dp_rank, self.dims.dp
+        self.is_main = self.dims.is_main
         if t.threads > 0:
             torch.set_num_threads(t.threads)
         self.device = resolve_device(t.device)
@@ -104,16 +103,20 @@ class Trainer:
             # More ranks than GPUs share them round-robin (NCCL may refuse; a test setup only).
             self.device = torch.device("cuda", self.dims.local_rank % torch.cuda.device_count())
         init_distributed(self.dims, self.device, cfg.parallel.timeout_s)
-        if t.global_batch % (t.micro_batch * dp_size):
+        if t.global_batch % (t.micro_batch * self.dp_size):
             raise ConfigError(f"train.global_batch={t.global_batch} must be a multiple of "
-                              f"micro_batch * dp = {t.micro_batch * dp_size}")
-        self.accum = t.global_batch // (t.micro_batch * dp_size)
+                              f"micro_batch * dp = {t.micro_batch * self.dp_size}")
+        self.accum = t.global_batch // (t.micro_batch * self.dp_size)
         check_microbatches(self.accum, cfg.parallel)
         unfit = plan.warn_if_unfit(cfg, self.dims.world_size, self.device)  # before anything is built
         if unfit and self.is_main:
             print(unfit, file=sys.stderr, flush=True)
-
         self.tp_group = self.dims.tp_group
+
+    def _open_run_dir(self) -> Optional[Path]:
+        """The checkpoint to resume from (None: a new run), refused before anything is built
+        or written when the run directory holds another run or the checkpoint another model."""
+        cfg = self.cfg
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", keep=cfg.checkpoint.keep,
                                       tp_group=self.tp_group)
         resume_from = self._resume_path()
@@ -126,22 +129,35 @@ class Trainer:
                 raise ConfigError(f"log.dir={self.run_dir} holds a finished run and no checkpoint "
                                   "to continue from; choose a new log.dir")
             self.restarted = True
-        if resume_from is not None:  # before anything is built or written
+        if resume_from is not None:
             self._check_resume(resume_from)
+        return resume_from
 
-        self.stream: TrainStream = build_train_stream(cfg, dp_rank=dp_rank, dp_size=dp_size)
-        self.val_windows = build_validation_windows(cfg)
+    def _build_data(self) -> None:
+        """This rank's slice of the blended stream, and the validation windows."""
+        cfg, t = self.cfg, self.cfg.train
+        self.stream: TrainStream = build_train_stream(
+            cfg.data, cfg.infusion, vocab_size=cfg.model.vocab_size, seed=t.seed,
+            global_batch=t.global_batch, steps=t.steps, dp_rank=self.dp_rank, dp_size=self.dp_size)
+        self.val_windows = build_validation_windows(cfg.data, cfg.model.vocab_size,
+                                                    cfg.eval.val_batches * t.micro_batch)
+
+    def _build_model(self) -> None:
+        """This rank's part of the model (its pipeline stage's layers, cut tp ways), with the
+        values the full model has, on the device."""
+        cfg, t = self.cfg, self.cfg.train
         torch.manual_seed(t.seed)
-        # Each rank allocates only its part: its pipeline stage's layers, cut tp ways.
-        layout = PipelineLayout(cfg.model.n_layers, cfg.parallel, self.dims.pp_rank) if self.dims.pp > 1 else None
+        self.layout = (PipelineLayout(cfg.model.n_layers, cfg.parallel, self.dims.pp_rank)
+                       if self.dims.pp > 1 else None)
 
         def parallelize(model: Transformer) -> None:
-            if layout is not None:
-                layout.prune(model)
+            if self.layout is not None:
+                self.layout.prune(model)
             apply_tp(model, self.tp_group, sequence_parallel=cfg.parallel.sp)
 
-        self.model: Transformer = build_model(cfg.model, seed=t.seed, device="cpu", parallelize=(
-            parallelize if layout is not None or self.tp_group is not None else None))
+        cut = self.layout is not None or self.tp_group is not None
+        self.model: Transformer = build_model(cfg.model, seed=t.seed, device="cpu",
+                                              parallelize=parallelize if cut else None)
         if cfg.model.init_from:
             load_init(self.model, cfg.model.init_from)
         self.model_sizes = model_sizes(cfg.model, cfg.data.seq_len)  # of the whole model
@@ -149,27 +165,26 @@ class Trainer:
         apply_recompute(self.model, t.recompute)
         if t.compile:
             compile_blocks(self.model)
+
+    def _apply_parallelism(self) -> None:
+        """The pipeline schedule over the stages, or DDP over the data-parallel ranks."""
+        cfg, layout = self.cfg, self.layout
         self.pipeline: Optional[Pipeline] = None
         if layout is not None:
             tied = tied_embedding_group(self.dims) if cfg.model.tie_embeddings else None
             self.pipeline = Pipeline(self.model, layout, self.dims.pp_group, self.accum, self.device,
-                                     lambda: autocast_context(self.device, t.dtype), tied_group=tied)
+                                     lambda: autocast_context(self.device, cfg.train.dtype), tied_group=tied)
             if tied is not None and not layout.has_first:  # the head's optimizer state is the embedding's
                 self.ckpt.optim_aliases = {"output.weight": "tok_embeddings.weight"}
         else:
             self.train_module = apply_ddp(self.model, self.dims, self.device)
         # What evaluation calls: model(tokens) -> logits, model(tokens, targets) -> mean loss.
         self.forward = self.pipeline or self.model
-        zero_group = self.dims.dp_group if cfg.parallel.zero1 else None
-        self.optimizer = build_optimizer(self.model, t, self.device, zero_group=zero_group)
-        self.scheduler = build_scheduler(self.optimizer, t)
-        self.step = 0
-        self.nonfinite_steps = 0  # steps skipped so far because the loss or gradients were not finite
-        if resume_from is not None:
-            self._load(resume_from)
-        self.probes = self._build_probes()
-        if self.dims.world_size > 1:  # every rank has checked the run dir before any writes
-            torch.distributed.barrier()
+
+    def _build_optimizer(self) -> None:
+        zero_group = self.dims.dp_group if self.cfg.parallel.zero1 else None
+        self.optimizer = build_optimizer(self.model, self.cfg.train, self.device, zero_group=zero_group)
+        self.scheduler = build_scheduler(self.optimizer, self.cfg.train)
 
     # ---------------------------------------------------------------- resume
 
@@ -226,13 +241,6 @@ class Trainer:
         self.ckpt.save(self.step, self.model, self.optimizer, extra)
 
     # ---------------------------------------------------------------- evaluation
-
-    def _build_probes(self):
-        if not self.cfg.eval.probes:
-            return None
-        from kis_megatron.eval.probing import ProbeRunner
-
-        return ProbeRunner(self.cfg, self.device)
 
     @torch.no_grad()
     def validation_loss(self) -> Optional[float]:
@@ -327,44 +335,24 @@ class Trainer:
                          "ratio": inf.ratio, **self.stream.describe()},
             "status": status,
             "nonfinite_steps": self.nonfinite_steps,
+            "launch_dir": self.launch_dir,  # where relative paths in config.yaml start
         }
         if error is not None:  # why a failed run failed (the law tools list it)
             info["error"] = error
         atomic_write_json(self.run_dir / "run.json", info)
 
     def fit(self) -> dict:
+        """Train to ``train.steps`` (or ``train.stop_after``); returns the last evaluation."""
         cfg = self.cfg
-        if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.run_dir / "config.yaml")
-        self.write_run_info("running")
-        log = MetricsLogger(self.run_dir, cfg.log, cfg.train.steps, self.step, enabled=self.is_main)
-        if self.step:
-            log.message(f"resumed from {self.resumed_from} at step {self.step}")
-        elif self.restarted:
-            log.message(f"no complete checkpoint in {self.ckpt.dir}: the run starts afresh "
-                        "(its partial metrics and TensorBoard events are reset)")
-        for note in self.stream.notes():
-            log.message(note)
+        log = self._start_log()
         last_eval: dict = {}
-        tokens_per_step = cfg.train.global_batch * cfg.data.seq_len
         try:
             while self.step < cfg.train.steps:
                 t0 = time.perf_counter()
                 loss, grad_norm, stats, applied = self.train_step()
                 if self.device.type == "cuda":
                     torch.cuda.synchronize()
-                tps = tokens_per_step / (time.perf_counter() - t0)
-                lr = self.scheduler.get_last_lr()[0]
-                for note in self.stream.notes():
-                    log.message(note)
-                if not applied or self.step % cfg.log.interval == 0 or self.step == cfg.train.steps:
-                    log.log({"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                             **stats, "tokens_per_s": tps, **self._utilisation(tps),
-                             **({} if applied else {"skipped": True})})
-                if not applied:
-                    self._nonfinite(loss, grad_norm, log)
-                log.progress(self.step, loss, tps, lr)
+                self._log_step(log, loss, grad_norm, stats, applied, time.perf_counter() - t0)
                 done = self.step == cfg.train.steps
                 stopping = self.step == cfg.train.stop_after
                 if (cfg.eval.interval and self.step % cfg.eval.interval == 0) or done:
@@ -388,6 +376,42 @@ class Trainer:
             log.close()
         self.write_run_info("finished" if self.step == cfg.train.steps else "stopped")
         return last_eval
+
+    def _start_log(self) -> MetricsLogger:
+        """The run directory's config.yaml and run.json, and the logger, with the notes a
+        (re)started run begins with."""
+        cfg = self.cfg
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+        self.write_run_info("running")
+        log = MetricsLogger(self.run_dir, cfg.log, cfg.train.steps, self.step, enabled=self.is_main)
+        if self.step:
+            log.message(f"resumed from {self.resumed_from} at step {self.step}")
+        elif self.restarted:
+            log.message(f"no complete checkpoint in {self.ckpt.dir}: the run starts afresh "
+                        "(its partial metrics and TensorBoard events are reset)")
+        for note in self.stream.notes():
+            log.message(note)
+        return log
+
+    def _log_step(self, log: MetricsLogger, loss: float, grad_norm: float, stats: dict,
+                  applied: bool, seconds: float) -> None:
+        """The metrics line of a step (every log.interval steps, the last one and any step
+        not applied), the stream's notes and the progress bar; a step not applied counts
+        towards train.skip_nonfinite_steps."""
+        cfg = self.cfg
+        tps = cfg.train.global_batch * cfg.data.seq_len / seconds
+        lr = self.scheduler.get_last_lr()[0]
+        for note in self.stream.notes():
+            log.message(note)
+        if not applied or self.step % cfg.log.interval == 0 or self.step == cfg.train.steps:
+            log.log({"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                     **stats, "tokens_per_s": tps, **self._utilisation(tps),
+                     **({} if applied else {"skipped": True})})
+        if not applied:
+            self._nonfinite(loss, grad_norm, log)
+        log.progress(self.step, loss, tps, lr)
 
     def _nonfinite(self, loss: float, grad_norm: float, log: MetricsLogger) -> None:
         """A step that was not applied: skip it within train.skip_nonfinite_steps, else stop."""
@@ -414,8 +438,6 @@ def _run_status(run_dir: Path) -> Optional[str]:
 
 def _mean_over_ranks(x: torch.Tensor) -> torch.Tensor:
     """The loss reported is the global-batch mean: average the data-parallel ranks' means."""
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         x = x.clone()
         dist.all_reduce(x, op=dist.ReduceOp.AVG)

@@ -57,13 +57,42 @@ def tiny_overrides(corpus: dict, run_dir: Path, **extra) -> list[str]:
 
 
 def torchrun(nproc: int, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    """``torchrun --standalone --nproc-per-node=nproc ARGS`` on CPU (gloo), one thread a rank."""
+    """``torchrun --standalone --nproc-per-node=nproc ARGS`` on CPU (gloo), one thread a rank.
+
+    Whatever ends the wait early (its ``timeout``, the test's timeout from pytest-timeout,
+    Ctrl-C) stops torchrun and its ranks (see ``_stop``) before the error goes on, so no rank
+    is left waiting on a collective. Output goes through files: a rank that outlived torchrun
+    could hold a pipe open forever."""
     import os
+    import tempfile
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           f"--nproc-per-node={nproc}", *args], capture_output=True, text=True,
-                          cwd=ROOT, env=env, timeout=timeout)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, cwd=ROOT, env=env,
+                                start_new_session=True)
+        try:
+            proc.wait(timeout=timeout)
+        except BaseException:
+            _stop(proc)
+            raise
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read())
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM to torchrun, which then stops its ranks (each runs in a session of its own, so
+    only torchrun can reach them); SIGKILL to its process group if it has not ended in 30 s."""
+    import os
+    import signal
+
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def train_rows(run_dir: Path) -> dict[int, dict]:

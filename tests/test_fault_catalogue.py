@@ -96,6 +96,7 @@ def ref_copy(ref_run, tmp_path) -> Path:
 # ----------------------------------------------------------------------------- divergence
 
 
+@pytest.mark.slow
 def test_nan_run_stops_is_marked_failed_and_is_left_out(world_corpus, ref_run, tmp_path, capsys):
     """train.lr=1e6: the gradient norm turns NaN at step 2; the update is not applied, the run
     stops with one error naming the step, run.json says failed, no checkpoint (not even the
@@ -138,6 +139,7 @@ def _inject_inf(t: Trainer, at_steps: set[int]) -> dict:
     return seen
 
 
+@pytest.mark.slow
 def test_nonfinite_steps_are_skipped_within_the_budget(world_corpus, tmp_path):
     """train.skip_nonfinite_steps=1 and an injected inf gradient at step 2: that update is
     not applied (weights unchanged, AdamW counts 3 steps of 4), the run finishes, the log
@@ -166,6 +168,7 @@ def test_nonfinite_steps_are_skipped_within_the_budget(world_corpus, tmp_path):
     assert rows and note is None
 
 
+@pytest.mark.slow
 def test_nonfinite_steps_beyond_the_budget_stop_the_run(world_corpus, tmp_path):
     run = tmp_path / "over"
     t = trainer(world_corpus, run, **{"train.skip_nonfinite_steps": 1, "checkpoint.interval": 1})
@@ -191,6 +194,8 @@ INF_ON_RANK_1 = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_all_ranks_agree_on_a_nonfinite_step(world_corpus, tmp_path):
     """dp=2 (gloo) with an infinite gradient on rank 1 alone: rank 0 sees finite numbers, yet
     both ranks stop at step 2 (one all-reduce of the flag), and rank 0 marks the run failed."""
@@ -265,6 +270,7 @@ KILL_AT_STEP_3 = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_sigkill_before_the_first_checkpoint_then_the_sweep_continues(world_corpus, ref_run, tmp_path):
     """A sweep run SIGKILLed at step 3 of 4 (it checkpoints only at the end): the sweep reports
     it as interrupted, not failed, and resume=auto starts it afresh: every step logged once,
@@ -300,6 +306,7 @@ def test_sigkill_before_the_first_checkpoint_then_the_sweep_continues(world_corp
     assert run_status(run) == "finished"
 
 
+@pytest.mark.slow
 def test_a_finished_run_without_checkpoint_is_not_started_over(world_corpus, tmp_path):
     run = tmp_path / "done"
     trainer(world_corpus, run, **{"train.steps": 2, "checkpoint.save_final": False}).fit()
@@ -329,6 +336,7 @@ def test_resume_into_other_settings_is_refused_before_writing(world_corpus, ref_
     assert snapshot(ref_copy) == before  # config.yaml, run.json, metrics, checkpoints
 
 
+@pytest.mark.slow
 def test_resume_may_extend_train_steps(world_corpus, ref_copy):
     t = trainer(world_corpus, ref_copy, **{"train.steps": 5, "checkpoint.resume": "auto",
                                            "checkpoint.interval": 2, "log.interval": 2})
@@ -389,6 +397,7 @@ def test_bytes_damaged_in_place_are_one_error(world_corpus, ref_copy):
         trainer(world_corpus, ref_copy, **{"checkpoint.resume": "auto"})
 
 
+@pytest.mark.slow
 def test_a_checkpoint_saved_after_a_fallback_is_kept(world_corpus, ref_copy):
     """Resumed from step 2 past a damaged step 4, with keep=1: the save at step 3 must not be
     pruned in favour of the damaged (higher) step 4."""
@@ -433,6 +442,7 @@ def test_shards_of_two_tokenizers_are_refused_without_data_tokenizer(world_corpu
                                                    "infusion.ratio": 0.25})
 
 
+@pytest.mark.slow
 def test_a_token_id_beyond_the_vocabulary_names_its_shard(world_corpus, tmp_path):
     """The sidecar is intact (it still says max id < 400), so only the batch check sees it."""
     general = _copy_shard(world_corpus["shards"]["general"], tmp_path)
@@ -481,11 +491,11 @@ def test_a_cut_final_evaluation_leaves_the_run_out(ref_copy):
     rows, note = read_run(str(ref_copy))
     assert rows == []
     assert "final evaluation (step 4) is missing" in note and "the last one is at step 2" in note
-    assert f"{path} line {len(lines)} is cut" in note
+    assert f"{path}:{len(lines)}: the line is cut" in note
     path.write_text("\n".join(lines[:2] + ["{oops"] + lines[2:]) + "\n")
     from kis_megatron.law.table import LawInputError
 
-    with pytest.raises(LawInputError, match=f"{path} line 3 is not valid JSON"):
+    with pytest.raises(LawInputError, match=f"{path}:3: invalid JSON"):
         read_run(str(ref_copy))
 
 
@@ -537,7 +547,7 @@ def test_every_tool_prints_one_error_and_exits_2(tmp_path, capsys, name, argv, n
 
 
 def test_every_user_error_class_derives_from_kis_error():
-    from kis_megatron.data.infusion_source import InfusionError
+    from kis_megatron.data.errors import InfusionError
     from kis_megatron.data.knowledge import KnowledgeError
     from kis_megatron.interop.hf import InteropError
     from kis_megatron.law.table import LawInputError

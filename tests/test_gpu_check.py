@@ -8,6 +8,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from _corpus import ROOT
 
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
@@ -41,6 +43,8 @@ def test_python_parts_parse_their_arguments():
     assert bad.returncode == 2 and "unknown 'tp3'" in bad.stderr
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_layout_script_runs_with_gloo(world_corpus, tmp_path):
     """The NCCL check's logic for real, on CPU (gloo): tp=2 against one process."""
     out = tmp_path / "layouts.md"
@@ -51,6 +55,7 @@ def test_layout_script_runs_with_gloo(world_corpus, tmp_path):
     assert re.search(r"\| tp2 \| \S+ \| \S+ \| yes \|", out.read_text()), out.read_text()
 
 
+@pytest.mark.slow
 def test_report_appends_a_dated_section(tmp_path):
     out = tmp_path / "gpu_check"
     out.mkdir()

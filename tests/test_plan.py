@@ -51,6 +51,7 @@ def test_7b_parameters_per_rank_sum_to_the_model(overrides):
     assert p["params_per_rank"] == max(r["params_held"] for r in ranks)
 
 
+@pytest.mark.slow
 def test_7b_tp8_json_keys_and_a_layout_that_does_not_fit_is_warned(tmp_path):
     def cli(*extra):
         return subprocess.run([sys.executable, "-m", "kis_megatron.train", "model.preset=7b",
@@ -124,6 +125,7 @@ def test_tiny_example_memory_matches_a_measured_cpu_step(recompute, extra):
     assert mem["optimizer"] == moments
 
 
+@pytest.mark.slow
 def test_triton_path_activations_match_the_kernels_through_the_interpreter():
     """On CUDA the Triton kernels save less than the CPU references; the planner's CUDA path
     is checked here by running those kernels through Triton's interpreter (fp32)."""
@@ -194,6 +196,8 @@ dist.destroy_process_group()
 """
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_parameters_per_rank_match_a_real_tp2_model_and_zero1_partition(tmp_path):
     script = tmp_path / "per_rank.py"
     script.write_text(PER_RANK)

@@ -28,6 +28,7 @@ def write_sweep(tmp_path, corpus, axes=None, **extra):
     return path
 
 
+@pytest.mark.slow
 def test_grid_runs_skip_finished_and_print_launch(world_corpus, tmp_path):
     sweep = load_sweep(write_sweep(tmp_path, world_corpus))
     assert [r.run_id for r in sweep.runs] == ["d16-r0", "d32-r0"]
@@ -49,6 +50,7 @@ def _metrics_without_timing(run) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "tflops_per_device")} for r in rows]
 
 
+@pytest.mark.slow
 def test_forked_runs_equal_runs_in_their_own_process(world_corpus, tmp_path, monkeypatch):
     # The sweep trains each run in a child of a fork server that imported the trainer once;
     # the same run started as its own process (KIS_SWEEP_FORK=0) logs the same numbers.
@@ -64,6 +66,7 @@ def test_forked_runs_equal_runs_in_their_own_process(world_corpus, tmp_path, mon
     assert "step 3/3" in (forked.runs[0].run_dir / "train.log").read_text()  # its output, in its log
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes(world_corpus, tmp_path):
     path = write_sweep(tmp_path, world_corpus, axes={"model": [{"name": "a", "overrides": {
         "checkpoint.interval": 1, "train.steps": 4}}]})

@@ -4,18 +4,21 @@ nothing trains except the one end-to-end test at the end."""
 
 import json
 import math
+import runpy
 
 import numpy as np
 import pytest
 import torch
 import yaml
 
-from _corpus import tiny_overrides
+from _corpus import ROOT, tiny_overrides
 from kis_megatron.config import ConfigError, load_config
 from kis_megatron.model.llama import Transformer
-from kis_megatron.sweep import load_sweep, main, run_status
+from kis_megatron.sweep import load_sweep, run_status
 from kis_megatron.sweep_refine import plan_refinement, refine_local
 from kis_megatron.sweep_validate import PLAN_FILE, validation_levels, validation_sweep
+
+main = runpy.run_path(str(ROOT / "tools/sweep.py"), run_name="tool")["main"]  # the sweep CLI
 
 BASE = {
     "model": {"preset": "tiny", "vocab_size": 64, "dim": 16, "n_layers": 1, "n_heads": 2, "max_seq_len": 16},
@@ -353,6 +356,7 @@ def test_validation_curve_is_refined_and_resumed(tmp_path):
 # ---------------------------------------------------------------------------- end to end
 
 
+@pytest.mark.slow
 def test_refine_trains_the_grid_then_the_refined_level_and_resumes(world_corpus, tmp_path):
     """Tiny runs (3 steps) on the test corpus: the grid, one refined level (max_runs 1), then a
     rerun that trains nothing."""

@@ -4,19 +4,51 @@
     python tools/eval_retention.py RUN_DIR --checkpoint RUN_DIR/checkpoints/step_00000100 \
         --probes general=world/general/probes.jsonl domain=world/domain/probes.jsonl --exact-match
 
-Uses the run's resolved config.yaml (model shape, tokenizer) and, unless --probes is given,
-its eval.probes. Prints the metrics as JSON (retention/<name>, retention_heldout/<name>,
-probes/<name>, exact_match/<name>, ...) and writes them to --out when given.
+Uses the run's resolved config.yaml (model shape, tokenizer; relative paths in it are taken
+from where the run was launched) and, unless --probes is given, its eval.probes. Prints the
+metrics as JSON (retention/<name>, retention_heldout/<name>, probes/<name>,
+exact_match/<name>, ...) and writes them to --out when given.
 """
+
+from __future__ import annotations
 
 import argparse
 import json
 import sys
+from pathlib import Path
 
-from kis_megatron.config import ConfigError
+from kis_megatron.config import ConfigError, load_run_config
 from kis_megatron.errors import KisError, exit_with
-from kis_megatron.eval.probing import evaluate_checkpoint
+from kis_megatron.eval.probing import ProbeRunner
+from kis_megatron.model.llama import build_model
+from kis_megatron.training.checkpoint import CheckpointError, CheckpointManager, verify
+from kis_megatron.training.device import resolve_device
 from kis_megatron.utils import atomic_write_json
+
+
+def evaluate_checkpoint(run_dir: str | Path, checkpoint: str | Path | None = None,
+                        probes: dict[str, str] | None = None, exact_match: bool = False,
+                        device: str = "auto") -> dict:
+    """Retention metrics of a saved checkpoint of a run, with the run's own config and
+    tokenizer: the latest checkpoint unless one is named, the run's ``eval.probes`` unless
+    other probe files are given (so any checkpoint can be scored on any fixed probe set)."""
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir)
+    if probes:
+        cfg.eval.probes = dict(probes)
+    if not cfg.eval.probes:
+        raise ConfigError("no probe files: the run has no eval.probes; pass --probes name=path")
+    cfg.eval.exact_match = exact_match
+    path = Path(checkpoint) if checkpoint else CheckpointManager(run_dir / "checkpoints").latest()
+    if path is None:
+        raise CheckpointError(f"{run_dir / 'checkpoints'} holds no complete checkpoint")
+    verify(path, cfg.model)
+    dev = resolve_device(device)
+    model = build_model(cfg.model, seed=cfg.train.seed, device=dev)
+    extra = CheckpointManager(path.parent).load(path, model, optimizer=None)
+    model.eval()
+    runner = ProbeRunner(cfg.eval, cfg.data.tokenizer, dev, facts=cfg.infusion.facts)
+    return {"step": extra["step"], "checkpoint": str(path), **runner.run(model)}
 
 
 def main(argv=None) -> int:

@@ -6,7 +6,9 @@
 
 The folder loads offline with ``AutoModelForCausalLM.from_pretrained(DIR)`` and
 ``AutoTokenizer.from_pretrained(DIR)`` (same ids as our tokenizer, no BOS added), so tools such
-as lm-evaluation-harness can score it. Single-process checkpoints only.
+as lm-evaluation-harness can score it. Checkpoints of any parallel layout export (they name
+full tensors). Works from any directory: relative paths in the run's config (data.tokenizer)
+are taken from where the run was launched (``launch_dir`` in its run.json).
 """
 
 import argparse

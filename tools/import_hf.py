@@ -4,8 +4,9 @@
     kis-train --config from_hf.yaml data.train=shards/general log.dir=runs/from_hf
 
 The YAML holds a ``model:`` section with the checkpoint's sizes and ``init_from: hf:DIR``
-(the weights are copied in when training starts), plus ``data.tokenizer`` when the folder has
-a ``tokenizer.model``. Anything the checkpoint uses that this model cannot run (RoPE scaling,
+(the weights are copied in when training starts), and a ``data:`` section with a ``seq_len``
+the model supports (the default, 256, or ``max_position_embeddings`` when that is shorter)
+plus ``tokenizer`` when the folder has a ``tokenizer.model``. Anything the checkpoint uses that this model cannot run (RoPE scaling,
 biases, another activation, ...) is refused here, before any training.
 """
 
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import yaml
 
+from kis_megatron.config import DataConfig
 from kis_megatron.errors import KisError, exit_with
 from kis_megatron.interop.hf import import_hf
 from kis_megatron.utils import atomic_write_text
@@ -30,9 +32,10 @@ def main(argv=None) -> int:
         fields, _ = import_hf(hf_dir)  # reads and checks the weights too, so errors show now
     except KisError as e:
         return exit_with(e)
-    config = {"model": {**fields, "init_from": f"hf:{hf_dir}"}}
+    config = {"model": {**fields, "init_from": f"hf:{hf_dir}"},
+              "data": {"seq_len": min(DataConfig().seq_len, fields["max_seq_len"])}}
     if (hf_dir / "tokenizer.model").is_file():
-        config["data"] = {"tokenizer": str(hf_dir / "tokenizer.model")}
+        config["data"]["tokenizer"] = str(hf_dir / "tokenizer.model")
     atomic_write_text(args.out, yaml.safe_dump(config, sort_keys=False))
     print(f"wrote {args.out}; train with: kis-train --config {args.out} data.train=... log.dir=...")
     return 0

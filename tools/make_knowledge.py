@@ -44,11 +44,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import yaml
@@ -58,7 +55,7 @@ from kis_megatron.data.knowledge import (KnowledgeSet, jsonl_text,
 from kis_megatron.data.worlds import configs_from_dict, default_configs, generate_worlds
 from kis_megatron.errors import KisError
 from kis_megatron.eval.retention import build_probes, save_probes
-from kis_megatron.utils import atomic_write_text
+from kis_megatron.utils import atomic_write_text, staging_dir
 
 _TOP_KEYS = ("seed", "renders_per_fact", "probe_k", "probe_seed", "max_probe_facts",
              "general", "domain")
@@ -187,26 +184,11 @@ def make(args) -> Path:
         raise UsageError(f"--out {out} already exists; choose a new directory or pass "
                          "--overwrite")
     settings, worlds, source = _settings(args)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes 0700; give the usual directory mode
+    with staging_dir(out) as tmp:  # replaces an existing --out (--overwrite) whole
         summary = {"format": "kis-knowledge/1", "source": source, **settings, "worlds": {}}
         for name, ks in worlds.items():
             summary["worlds"][name] = write_world(ks, tmp / name, settings)
         atomic_write_text(tmp / "world.json", json.dumps(summary, indent=2) + "\n")
-        if out.exists():  # --overwrite: swap, then drop the old tree
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-            os.replace(out, old / "x")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

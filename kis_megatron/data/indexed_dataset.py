@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import operator
 import os
-import secrets
 import shutil
 import struct
 from array import array
@@ -38,6 +37,7 @@ from array import array
 import numpy as np
 
 from kis_megatron.data.errors import DataError
+from kis_megatron.utils import atomic_write, temp_path
 
 __all__ = [
     "DataError",
@@ -98,26 +98,6 @@ def best_dtype(vocab_size: int) -> type:
     if vocab_size is None or vocab_size < 65500:
         return np.uint16
     return np.int32
-
-
-def _tmp_name(path: str) -> str:
-    # Unique, and never of the form prefix.bin / prefix.idx, so a crash leaves nothing
-    # that looks like a dataset. open(..., "x") honours the umask, unlike mkstemp.
-    return f"{path}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-
-
-def _atomic_write(path: str, write) -> None:
-    """Call write(file) on a temp file beside path, fsync, then rename it to path."""
-    tmp = _tmp_name(path)
-    try:
-        with open(tmp, "xb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        _remove(tmp)
-        raise
 
 
 def _remove(path: str) -> None:
@@ -185,7 +165,7 @@ class IndexedDatasetWriter:
         directory = os.path.dirname(os.path.abspath(self.prefix))
         if not os.path.isdir(directory):
             raise DataError(f"output directory does not exist: {directory}")
-        self._tmp_bin = _tmp_name(bin_path(self.prefix))
+        self._tmp_bin = str(temp_path(bin_path(self.prefix)))
         self._bin = open(self._tmp_bin, "xb")
         self._sizes = array("i")  # int32 per sequence (array keeps big corpora compact)
         self._doc_idx = array("q", [0])  # int64, Megatron's leading 0 included
@@ -311,7 +291,7 @@ class IndexedDatasetWriter:
             os.fsync(self._bin.fileno())
             self._bin.close()
             index = self._index_bytes()
-            tmp_idx = _tmp_name(idx_path(self.prefix))
+            tmp_idx = str(temp_path(idx_path(self.prefix)))
             try:
                 with open(tmp_idx, "xb") as f:
                     f.write(index)
@@ -473,7 +453,7 @@ def _check_pointers(ipath: str, sizes, pointers, doc_idx, itemsize: int) -> None
 def write_meta(prefix, meta: dict) -> None:
     """Atomically write the metadata sidecar prefix.meta.json."""
     data = (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode()
-    _atomic_write(meta_path(prefix), lambda f: f.write(data))
+    atomic_write(meta_path(prefix), lambda f: f.write(data))
 
 
 def read_meta(prefix) -> dict | None:
@@ -535,7 +515,7 @@ def write_doc_labels(prefix, labels) -> None:
     arr = np.asarray(labels, dtype=np.int64)
     if arr.ndim != 1:
         raise DataError(f"document labels must be 1-D, got shape {arr.shape}")
-    _atomic_write(doc_labels_path(prefix), lambda f: np.save(f, arr, allow_pickle=False))
+    atomic_write(doc_labels_path(prefix), lambda f: np.save(f, arr, allow_pickle=False))
 
 
 def load_doc_labels(prefix) -> np.ndarray | None:

@@ -29,13 +29,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from kis_megatron.data.infusion_source import (
-    InfusionError,
-    TokenWindowSource,
-    WindowExposures,
-    _check_int,
-    stable_name_hash,
-)
+from kis_megatron.data.errors import InfusionError, check_int
+from kis_megatron.data.infusion_source import TokenWindowSource, WindowExposures, stable_name_hash
 from kis_megatron.data.schedule import RatioTargets, Schedule
 
 __all__ = [
@@ -196,10 +191,10 @@ class InfusionBlender:
 
     def __init__(self, general, domains, ratios, seq_len: int, global_batch: int, seed: int,
                  total_steps: int, repeat: bool = True):
-        self.seq_len = _check_int(seq_len, "seq_len", 1)
-        self.global_batch = _check_int(global_batch, "global_batch", 1)
-        self.seed = _check_int(seed, "seed", 0)
-        self.total_steps = _check_int(total_steps, "total_steps", 1)
+        self.seq_len = check_int(seq_len, "seq_len", 1)
+        self.global_batch = check_int(global_batch, "global_batch", 1)
+        self.seed = check_int(seed, "seed", 0)
+        self.total_steps = check_int(total_steps, "total_steps", 1)
         if not isinstance(repeat, bool):
             raise InfusionError(f"repeat must be True or False, got {repeat!r}")
         self.repeat = repeat
@@ -271,8 +266,8 @@ class InfusionBlender:
         Every rank must call this once per step with its own rank; all of them plan the
         same global batch and report the same statistics, and each reads only its slice.
         """
-        dp_size = _check_int(dp_size, "dp_size", 1)
-        dp_rank = _check_int(dp_rank, "dp_rank", 0)
+        dp_size = check_int(dp_size, "dp_size", 1)
+        dp_rank = check_int(dp_rank, "dp_rank", 0)
         B, L = self.global_batch, self.seq_len
         if dp_rank >= dp_size:
             raise InfusionError(f"dp_rank {dp_rank} is out of range for dp_size {dp_size}")
@@ -303,7 +298,7 @@ class InfusionBlender:
             first = self._samples[k] + int(np.count_nonzero(plan[:lo] == k))
             block = np.empty((len(where), L + 1), dtype=np.int64)
             for epoch, j, n, off in _epoch_runs(first, len(where), src.num_windows_per_epoch):
-                src._windows(epoch, j, n, block[off:off + n])
+                src.windows(epoch, j, n, out=block[off:off + n])
             tokens[where] = block
         expo = self._count_exposures(taken)
         new_epochs = self._new_epochs(samples)
@@ -323,7 +318,7 @@ class InfusionBlender:
             parts, cut = [], 0
             for epoch, j, n, _ in _epoch_runs(self._samples[k], int(taken[k]),
                                               src.num_windows_per_epoch):
-                idx, c = src._exposure_idx(epoch, j, n)
+                idx, c = src.exposure_indices(epoch, j, n)
                 parts.append(idx)
                 cut += c
             out[src.name] = (np.concatenate(parts) if parts else np.empty(0, np.int64), cut)
@@ -400,8 +395,8 @@ class InfusionBlender:
         self.step, self._samples, self._expo = step, samples, expo
 
     def _parse_state(self, state: Mapping):
-        step = _check_int(state["step"], "saved step", 0)
-        samples = [_check_int(c, "saved sample count", 0) for c in state["samples"]]
+        step = check_int(state["step"], "saved step", 0)
+        samples = [check_int(c, "saved sample count", 0) for c in state["samples"]]
         if len(samples) != len(self.sources) or sum(samples) != step * self.global_batch:
             raise InfusionError(f"blender state is inconsistent: step {step}, samples {samples}")
         n = step * self.global_batch
@@ -417,12 +412,12 @@ class InfusionBlender:
         expo = {}
         for name, mine in self._expo.items():
             arr = np.asarray(saved[name]["counts"], dtype=np.int64)
-            full = _check_int(saved[name]["full"], "saved full count", 0)
+            full = check_int(saved[name]["full"], "saved full count", 0)
             if arr.shape != mine.counts.shape or (arr.size and int(arr.min()) < 0) \
                     or int(arr.sum()) != full:
                 raise InfusionError(f"blender state's exposure counts of '{name}' are not "
                                     f"{mine.counts.shape[0]} non-negative counts summing to {full}")
-            expo[name] = _FactCounter(arr, _check_int(saved[name]["cut"], "saved cut count", 0))
+            expo[name] = _FactCounter(arr, check_int(saved[name]["cut"], "saved cut count", 0))
         return step, samples, expo
 
 

@@ -20,14 +20,13 @@ tail of an epoch are neither.
 from __future__ import annotations
 
 import hashlib
-import operator
 from typing import NamedTuple
 
 import numpy as np
 
-from kis_megatron.data.errors import DataError
+from kis_megatron.data.errors import InfusionError, check_int
 
-__all__ = ["InfusionError", "TokenWindowSource", "WindowExposures", "stable_name_hash"]
+__all__ = ["TokenWindowSource", "WindowExposures", "stable_name_hash"]
 
 # Shards up to this many tokens are read into memory once (auto preload): windows are
 # then gathered in one vectorised step instead of one ``get`` per document, which matters
@@ -37,10 +36,6 @@ PRELOAD_MAX_TOKENS = 2**24
 # Epoch layouts kept per source: the current epoch, plus the previous one so that a batch
 # straddling an epoch boundary does not recompute either.
 _CACHED_EPOCHS = 2
-
-
-class InfusionError(DataError):
-    """A source or infusion plan that cannot work as asked; the message says what to fix."""
 
 
 class WindowExposures(NamedTuple):
@@ -58,18 +53,6 @@ def stable_name_hash(name: str) -> int:
     data-parallel rank and every resumed run must reproduce.
     """
     return int.from_bytes(hashlib.blake2b(name.encode("utf-8"), digest_size=8).digest(), "little")
-
-
-def _check_int(value, what: str, minimum: int) -> int:
-    if isinstance(value, bool):
-        raise InfusionError(f"{what} must be an integer >= {minimum}, got {value!r}")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise InfusionError(f"{what} must be an integer >= {minimum}, got {value!r}") from None
-    if value < minimum:
-        raise InfusionError(f"{what} must be an integer >= {minimum}, got {value}")
-    return value
 
 
 def _strided_windows(stream: np.ndarray, count: int, L: int) -> np.ndarray:
@@ -94,8 +77,8 @@ class TokenWindowSource:
         if not isinstance(name, str) or not name:
             raise InfusionError(f"a source name must be a non-empty string, got {name!r}")
         self.name = name
-        self.seq_len = _check_int(seq_len, f"seq_len of source '{name}'", 1)
-        self.seed = _check_int(seed, f"seed of source '{name}'", 0)
+        self.seq_len = check_int(seq_len, f"seq_len of source '{name}'", 1)
+        self.seed = check_int(seed, f"seed of source '{name}'", 0)
         self.dataset = dataset
         n_docs = len(dataset)
         if n_docs == 0:
@@ -191,7 +174,7 @@ class TokenWindowSource:
 
     def doc_order(self, epoch: int) -> np.ndarray:
         """The shuffled document order of an epoch (a permutation of range(num_documents))."""
-        return self._layout(_check_int(epoch, "epoch", 0))[0]
+        return self._layout(check_int(epoch, "epoch", 0))[0]
 
     def _layout(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """(order, starts): the epoch's document order and its prefix sums (len n + 1)."""
@@ -209,9 +192,9 @@ class TokenWindowSource:
         return order, starts
 
     def _check_range(self, epoch: int, j: int, count: int) -> tuple[int, int, int]:
-        epoch = _check_int(epoch, "epoch", 0)
-        j = _check_int(j, "window index", 0)
-        count = _check_int(count, "window count", 0)
+        epoch = check_int(epoch, "epoch", 0)
+        j = check_int(j, "window index", 0)
+        count = check_int(count, "window count", 0)
         if j + count > self.num_windows_per_epoch:
             raise IndexError(
                 f"windows [{j}, {j + count}) out of range for source '{self.name}' with "

@@ -45,7 +45,7 @@ from pathlib import Path
 import yaml
 
 from kis_megatron.errors import KisError
-from kis_megatron.utils import atomic_write_text
+from kis_megatron.utils import atomic_write_text, read_jsonl
 
 SLOTS = ("subject", "object")
 TEMPLATE_KINDS = ("statements", "questions", "heldout_questions")
@@ -307,19 +307,15 @@ def _text_field(row: dict, key: str, where: str) -> str:
     return value
 
 
-def parse_triplets(lines, source: str = "<triplets>") -> list[Triplet]:
-    """Parse triplet JSONL lines; rejects malformed lines and (subject, relation) duplicates."""
+def load_triplets(path: str | Path) -> tuple[list[Triplet], dict[str, int]]:
+    """Read a triplets JSONL file; rejects malformed lines and (subject, relation) duplicates,
+    naming the file and line. Returns the triplets and, per relation, the line of its first
+    use (so later errors can point at the file)."""
     out: list[Triplet] = []
     seen: dict[tuple[str, str], tuple[str, int]] = {}
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{source}:{lineno}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise KnowledgeError(f"{where}: malformed JSON ({e.msg}); each line must be one "
-                                 "JSON object") from None
+    first_line: dict[str, int] = {}
+    for lineno, row in read_jsonl(path, KnowledgeError, _TRIPLETS_HINT, what="triplets file"):
+        where = f"{path}:{lineno}"
         if not isinstance(row, dict):
             raise KnowledgeError(f"{where}: expected a JSON object with subject, relation, "
                                  f"object; got {type(row).__name__}")
@@ -337,29 +333,12 @@ def parse_triplets(lines, source: str = "<triplets>") -> list[Triplet]:
             raise KnowledgeError(f"{where}: ({subject!r}, {relation!r}, {obj!r}) {what} on "
                                  f"line {prev_line}; keep one object per subject and relation")
         seen[key] = (obj, lineno)
+        first_line.setdefault(relation, lineno)
         out.append(Triplet(subject, relation, obj, tid))
-    return out
+    return out, first_line
 
 
-def load_triplets(path: str | Path) -> tuple[list[Triplet], dict[str, int]]:
-    """Read a triplets JSONL file. Returns the triplets and, per relation, the line of its
-    first use (so later errors can point at the file)."""
-    path = Path(path)
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
-    except OSError as e:
-        raise KnowledgeError(f"{path}: cannot read triplets file ({e.strerror})") from None
-    except UnicodeDecodeError:
-        raise KnowledgeError(f"{path}: not UTF-8 text; triplets must be UTF-8 JSONL") from None
-    triplets = parse_triplets(lines, str(path))
-    first_line: dict[str, int] = {}
-    idx = 0
-    for lineno, line in enumerate(lines, 1):
-        if line.strip():
-            first_line.setdefault(triplets[idx].relation, lineno)
-            idx += 1
-    return triplets, first_line
+_TRIPLETS_HINT = "; a triplets file holds one JSON object per line, in UTF-8"
 
 
 def triplets_to_jsonl(triplets: list[Triplet]) -> str:

@@ -21,7 +21,6 @@ Tokenization runs in ``workers`` processes over chunks of documents with an orde
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import os
 import sys
@@ -40,6 +39,7 @@ from kis_megatron.data.indexed_dataset import (
     write_meta,
 )
 from kis_megatron.data.tokenizer import Tokenizer, train_tokenizer
+from kis_megatron.utils import read_jsonl, read_lines
 
 __all__ = ["iter_documents", "preprocess", "train_tokenizer_from_corpus"]
 
@@ -69,25 +69,8 @@ def _check_inputs(inputs) -> list[str]:
     return paths
 
 
-def _lines(path: str) -> Iterator[tuple[int, str]]:
-    """(line number, line without its newline); universal newlines, UTF-8 with optional BOM.
-    Each line is decoded on its own (a text-mode file decodes ahead in blocks), so invalid
-    UTF-8 is reported at its own line."""
-    lineno = 0
-    with open(path, "rb") as f:
-        for raw in f:
-            raw = raw.removesuffix(b"\n").removesuffix(b"\r")  # LF or CRLF
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                at = lineno + 1 + raw[:e.start].count(b"\r")  # lone CRs end lines too
-                raise DataError(f"{path}:{at}: not valid UTF-8 ({e.reason}); the corpus must "
-                                "be UTF-8 text") from None
-            if lineno == 0:
-                text = text.removeprefix("\ufeff")
-            for part in text.split("\r"):
-                lineno += 1
-                yield lineno, part
+_TEXT_HINT = "; the corpus must be UTF-8 text"
+_JSONL_HINT = "; a JSONL corpus holds one JSON object per line, in UTF-8"
 
 
 def _label(path: str, lineno: int, obj: dict, doc_key: str) -> int:
@@ -119,13 +102,7 @@ def iter_documents(
     path = os.fspath(path)
     _check_options(fmt, text_doc_sep, doc_key)
     if fmt == "jsonl":
-        for lineno, line in _lines(path):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+        for lineno, obj in read_jsonl(path, DataError, _JSONL_HINT, what="the corpus"):
             if not isinstance(obj, dict):
                 raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
             if json_key not in obj:
@@ -141,12 +118,12 @@ def iter_documents(
                 )
             yield text, (_label(path, lineno, obj, doc_key) if doc_key is not None else -1)
     elif text_doc_sep == "line":
-        for _, line in _lines(path):
+        for _, line, _ in read_lines(path, DataError, _TEXT_HINT, what="the corpus"):
             if line.strip():
                 yield line, -1
     else:
         para: list[str] = []
-        for _, line in _lines(path):
+        for _, line, _ in read_lines(path, DataError, _TEXT_HINT, what="the corpus"):
             if line.strip():
                 para.append(line)
             elif para:

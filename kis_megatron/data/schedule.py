@@ -30,7 +30,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from kis_megatron.data.infusion_source import InfusionError
+from kis_megatron.data.errors import InfusionError
 
 __all__ = ["Schedule", "RatioTargets", "NEVER"]
 

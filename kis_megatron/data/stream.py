@@ -17,13 +17,14 @@ from typing import Optional
 import numpy as np
 import torch
 
-from kis_megatron.config import Config, ConfigError, InfusionConfig
+from kis_megatron.config import ConfigError, DataConfig, InfusionConfig
 from kis_megatron.data.errors import DataError
 from kis_megatron.data.fact_subset import first_facts
 from kis_megatron.data.indexed_dataset import IndexedDataset, check_vocab, load_doc_labels, read_meta
 from kis_megatron.data.infusion import Batch, InfusionBlender
 from kis_megatron.data.infusion_source import TokenWindowSource
 from kis_megatron.data.schedule import Schedule
+from kis_megatron.data.tokenizer import Tokenizer
 
 
 def open_shard(prefix: str, key: str, vocab_size: int, tokenizer: Optional[str]) -> IndexedDataset:
@@ -37,8 +38,6 @@ def open_shard(prefix: str, key: str, vocab_size: int, tokenizer: Optional[str])
     check_vocab(ds, vocab_size)
     meta = read_meta(prefix)
     if tokenizer:
-        from kis_megatron.data.tokenizer import Tokenizer
-
         tok = Tokenizer(tokenizer)
         if tok.vocab_size > vocab_size:
             raise DataError(f"data.tokenizer {tokenizer} has {tok.vocab_size} tokens but "
@@ -140,14 +139,17 @@ class StreamBatch:
         self.tokens, self.stats = tokens, stats
 
 
-def build_train_stream(cfg: Config, dp_rank: int = 0, dp_size: int = 1) -> TrainStream:
-    d, inf, t = cfg.data, cfg.infusion, cfg.train
-    vocab = cfg.model.vocab_size
+def build_train_stream(d: DataConfig, inf: InfusionConfig, *, vocab_size: int, seed: int,
+                       global_batch: int, steps: int, dp_rank: int = 0, dp_size: int = 1) -> TrainStream:
+    """The stream of the ``data`` and ``infusion`` sections for one data-parallel rank: the
+    shards checked against the model's ``vocab_size`` (``model.vocab_size``), shuffled with
+    ``seed`` (``train.seed``), blended into ``global_batch`` windows a step for ``steps``
+    steps (``train.global_batch``, ``train.steps``: the ratio targets span the whole run)."""
     check_one_tokenizer([("data.train", d.train), ("data.valid", d.valid),
                          ("infusion.domain", inf.domain)]
                         + [(f"infusion.domains.{s.name}", s.path) for s in inf.domains])
-    general = TokenWindowSource(open_shard(d.train, "data.train", vocab, d.tokenizer), d.seq_len,
-                                t.seed, "general")
+    general = TokenWindowSource(open_shard(d.train, "data.train", vocab_size, d.tokenizer),
+                                d.seq_len, seed, "general")
     specs = [(s.name, s.path, s.ratio) for s in inf.domains]
     if inf.domain:
         specs.insert(0, ("domain", inf.domain, inf.ratio))
@@ -160,11 +162,11 @@ def build_train_stream(cfg: Config, dp_rank: int = 0, dp_size: int = 1) -> Train
     shards = [f"data.train: shard {d.train}"]
     for name, path, ratio in specs:
         key = "infusion.domain" if name == "domain" and path == inf.domain else f"infusion.domains.{name}"
-        ds = open_shard(path, key, vocab, d.tokenizer)
+        ds = open_shard(path, key, vocab_size, d.tokenizer)
         labels = load_doc_labels(path)
         if inf.facts is not None and path == inf.domain:
             ds, labels = _first_facts(ds, labels, inf.facts, path, d.seq_len)
-        src = TokenWindowSource(ds, d.seq_len, t.seed, name, doc_labels=labels)
+        src = TokenWindowSource(ds, d.seq_len, seed, name, doc_labels=labels)
         domains.append(src)
         shards.append(f"{key}: shard {path}")
         ratios.append(_schedule(inf, ratio) if path == inf.domain else ratio)
@@ -174,9 +176,9 @@ def build_train_stream(cfg: Config, dp_rank: int = 0, dp_size: int = 1) -> Train
     if len(domains) == 1:
         describe["domain_facts"] = describe["domains"][0]["facts"]
         describe["domain_documents"] = describe["domains"][0]["documents"]
-    blender = InfusionBlender(general, domains, ratios, d.seq_len, t.global_batch, t.seed,
-                              t.steps, repeat=inf.repeat)
-    return TrainStream(blender, dp_rank, dp_size, describe, vocab, shards)
+    blender = InfusionBlender(general, domains, ratios, d.seq_len, global_batch, seed, steps,
+                              repeat=inf.repeat)
+    return TrainStream(blender, dp_rank, dp_size, describe, vocab_size, shards)
 
 
 def _first_facts(ds, labels, facts: int, path: str, seq_len: int):
@@ -189,16 +191,16 @@ def _first_facts(ds, labels, facts: int, path: str, seq_len: int):
     return view, labels
 
 
-def build_validation_windows(cfg: Config) -> Optional[torch.Tensor]:
-    """The first ``eval.val_batches * train.micro_batch`` windows of ``data.valid`` in a
-    fixed shuffle (seed 0), so every run and every evaluation scores the same tokens."""
-    if not cfg.data.valid:
+def build_validation_windows(d: DataConfig, vocab_size: int, count: int) -> Optional[torch.Tensor]:
+    """The first ``count`` windows (``eval.val_batches * train.micro_batch``) of
+    ``data.valid`` in a fixed shuffle (seed 0), so every run and every evaluation scores the
+    same tokens; None without ``data.valid``."""
+    if not d.valid:
         return None
-    ds = open_shard(cfg.data.valid, "data.valid", cfg.model.vocab_size, cfg.data.tokenizer)
-    src = TokenWindowSource(ds, cfg.data.seq_len, 0, "valid")
-    n = min(cfg.eval.val_batches * cfg.train.micro_batch, src.num_windows_per_epoch)
-    windows = src.windows(0, 0, n).astype(np.int64)
-    check_ids(windows, cfg.model.vocab_size, lambda row: f"data.valid: shard {cfg.data.valid}")
+    ds = open_shard(d.valid, "data.valid", vocab_size, d.tokenizer)
+    src = TokenWindowSource(ds, d.seq_len, 0, "valid")
+    windows = src.windows(0, 0, min(count, src.num_windows_per_epoch)).astype(np.int64)
+    check_ids(windows, vocab_size, lambda row: f"data.valid: shard {d.valid}")
     return torch.from_numpy(windows)
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import random
 from collections import defaultdict
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 from kis_megatron.data.knowledge import KnowledgeError, KnowledgeSet, fill, jsonl_text
-from kis_megatron.utils import atomic_write_text
+from kis_megatron.utils import atomic_write_text, read_jsonl
 
 if TYPE_CHECKING:
     import torch
@@ -191,27 +190,14 @@ def _probe_from_row(row, where: str) -> ProbeItem:
                      row["template"])
 
 
+_PROBES_HINT = "; a probe file holds one JSON object per line, in UTF-8"
+
+
 def load_probes(path: str | Path) -> list[ProbeItem]:
     """Read a probe JSONL file written by :func:`save_probes`; errors name file and line."""
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-        lines = data.decode("utf-8").splitlines()
-    except OSError as e:
-        raise KnowledgeError(f"{path}: cannot read probe file ({e.strerror})") from None
-    except UnicodeDecodeError as e:
-        line = data[:e.start].count(b"\n") + 1
-        raise KnowledgeError(f"{path}:{line}: not valid UTF-8 ({e.reason}); probe files are "
-                             "UTF-8 JSONL") from None
     out = []
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
+    for lineno, row in read_jsonl(path, KnowledgeError, _PROBES_HINT, what="probe file"):
         where = f"{path}:{lineno}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise KnowledgeError(f"{where}: malformed JSON ({e.msg})") from None
         item = _probe_from_row(row, where)
         if item.style not in STYLES:
             raise KnowledgeError(f"{where}: unknown style {item.style!r}; expected {STYLES}")

@@ -24,16 +24,19 @@ pipeline split and ``apply_tp``.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional
 
+import sentencepiece as spm
 import torch
+from safetensors.torch import load_file, save_file
 
-from kis_megatron.config import ConfigError, ModelConfig
+from kis_megatron.config import ConfigError, ModelConfig, load_run_config
+from kis_megatron.interop.hf_tokenizer import write_hf_tokenizer
+from kis_megatron.model.llama import Transformer, build_model, llama_ffn_dim, local_slice
+from kis_megatron.training.checkpoint import CheckpointError, CheckpointManager, verify
+from kis_megatron.utils import staging_dir
 
 __all__ = ["InteropError", "export_hf", "import_hf", "load_init", "hf_config_from_model",
            "model_fields_from_hf_config", "to_hf_state_dict", "from_hf_state_dict", "parse_size"]
@@ -112,7 +115,6 @@ def hf_config_from_model(cfg: ModelConfig, special_ids: Optional[dict] = None) -
     """The ``config.json`` of ``LlamaForCausalLM`` for our model config. RoPE theta is written
     both as ``rope_parameters`` (transformers 5) and ``rope_theta`` (transformers 4)."""
     kv = cfg.n_kv_heads or cfg.n_heads
-    from kis_megatron.model.llama import llama_ffn_dim  # local: the model imports config
 
     ids = special_ids or {}
     theta = float(cfg.rope_theta)
@@ -226,8 +228,6 @@ def parse_size(size: int | str) -> int:
 def _write_safetensors(tensors: dict[str, torch.Tensor], out: Path, max_bytes: int) -> int:
     """One ``model.safetensors``, or HF-style shards plus ``model.safetensors.index.json``
     when the weights exceed ``max_bytes``; returns the number of files."""
-    from safetensors.torch import save_file
-
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name, t in tensors.items():
@@ -254,8 +254,6 @@ def _write_safetensors(tensors: dict[str, torch.Tensor], out: Path, max_bytes: i
 
 def _locate(run_dir_or_checkpoint: str | Path, checkpoint: Optional[str | Path]):
     """(run dir, checkpoint dir) from a run dir, or from a checkpoint dir inside one."""
-    from kis_megatron.training.checkpoint import CheckpointError, CheckpointManager
-
     path = Path(run_dir_or_checkpoint)
     if (path / "config.yaml").is_file():
         run_dir = path
@@ -281,26 +279,19 @@ def export_hf(run_dir_or_checkpoint: str | Path, out_dir: str | Path,
     tokenizer (``tokenizer`` overrides the run's ``data.tokenizer``). Everything is written into
     a temporary folder beside ``out_dir`` and renamed into place last, so a failed export
     leaves nothing that looks valid. ``out_dir`` must not exist or be empty."""
-    from kis_megatron.config import load_config
-    from kis_megatron.interop.hf_tokenizer import write_hf_tokenizer
-    from kis_megatron.model.llama import build_model
-    from kis_megatron.training.checkpoint import CheckpointManager, verify
-
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise InteropError(f"{out_dir} already exists and is not empty; choose a new output folder")
     max_bytes = parse_size(max_shard_size)
     run_dir, ckpt = _locate(run_dir_or_checkpoint, checkpoint)
-    cfg = load_config(run_dir / "config.yaml")
-    # Checkpoints hold full, layout-free tensors under the single-process names (a
-    # tensor-parallel save gathers its shards, each pipeline stage writes its layers), so a
+    cfg = load_run_config(run_dir)  # its relative paths taken from where it was launched
+    # Checkpoints name full tensors by their single-process names and shapes (each pipeline
+    # stage writes its layers, each tensor-parallel rank its shards as chunks of them), so a
     # run of any layout loads into one process here.
     tok_path = Path(tokenizer or cfg.data.tokenizer or "")
     if not (tokenizer or cfg.data.tokenizer):
         raise InteropError(f"{run_dir}/config.yaml has no data.tokenizer; pass the tokenizer "
                            "model explicitly (--tokenizer)")
-    import sentencepiece as spm
-
     if not tok_path.is_file():
         raise InteropError(f"tokenizer model not found: {tok_path}")
     n_pieces = spm.SentencePieceProcessor(model_file=str(tok_path)).get_piece_size()
@@ -319,9 +310,7 @@ def export_hf(run_dir_or_checkpoint: str | Path, out_dir: str | Path,
                                "export an earlier checkpoint with --checkpoint")
     tensors = to_hf_state_dict(state, tied=cfg.model.tie_embeddings)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
-    try:
+    with staging_dir(out_dir) as tmp:  # an existing out_dir is empty (checked above)
         ids = write_hf_tokenizer(tok_path, tmp)
         config = hf_config_from_model(cfg.model, ids)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -329,28 +318,13 @@ def export_hf(run_dir_or_checkpoint: str | Path, out_dir: str | Path,
                "pad_token_id": config["pad_token_id"], "do_sample": False}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
         _write_safetensors(tensors, tmp, max_bytes)
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
-        if out_dir.exists():
-            out_dir.rmdir()  # empty, checked above
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 # ---------------------------------------------------------------------------- import
 
 
 def _read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     index = hf_dir / "model.safetensors.index.json"
     if index.is_file():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -370,8 +344,6 @@ def _read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
 def import_hf(hf_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """(our ModelConfig fields, state dict in our names) of an HF Llama folder. Every expected
     tensor must be present with the shape the config implies; extras are refused."""
-    from kis_megatron.model.llama import Transformer
-
     hf_dir = Path(hf_dir)
     if not (hf_dir / "config.json").is_file():
         raise InteropError(f"{hf_dir} is not a Hugging Face model folder (no config.json)")
@@ -419,8 +391,6 @@ def load_init(model: torch.nn.Module, spec: str) -> None:
         if fields[key] != value:
             raise InteropError(f"model.init_from: model.{key}={value} but {spec[3:]} has "
                                f"{key}={fields[key]}; set model.{key}={fields[key]}")
-    from kis_megatron.model.llama import Transformer, local_slice
-
     with torch.device("meta"):  # the whole model's names and shapes, for any rank's part too
         whole = Transformer(cfg)
     _check_state(whole.state_dict(), state, source=spec[3:])

@@ -31,6 +31,7 @@ import os
 import yaml
 
 from kis_megatron.law.table import LawInputError
+from kis_megatron.utils import read_jsonl
 
 # Keys of metrics lines that are bookkeeping or training quantities, not evaluation metrics
 # (probes* are probe counts).
@@ -120,28 +121,14 @@ def find_run_dirs(args: list[str], use_glob: bool = False) -> list[str]:
 def _read_jsonl(path: str) -> tuple[list[dict], str | None]:
     """The records of a JSONL log, and a note when its last line is cut (a killed writer
     leaves a last line without its newline that is not valid JSON)."""
-    try:
-        with open(path, "rb") as f:
-            text = f.read().decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise LawInputError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
-    lines = text.split("\n")
-    records, cut = [], None
-    for i, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            if i == len(lines):  # no newline after it: cut off by a killed writer
-                cut = f"{path} line {i} is cut (not valid JSON)"
-                continue
-            raise LawInputError(f"{path} line {i} is not valid JSON; fix or remove it") from None
+    records, cut = [], []
+    for i, rec in read_jsonl(path, LawInputError, "; fix or remove it", "the log",
+                             on_cut=lambda i: cut.append(f"{path}:{i}: the line is cut (not valid JSON)")):
         if not isinstance(rec, dict) or not isinstance(rec.get("step"), (int, float)) \
                 or isinstance(rec.get("step"), bool):
-            raise LawInputError(f"{path} line {i} is not a JSON object with a numeric 'step'")
+            raise LawInputError(f"{path}:{i}: not a JSON object with a numeric 'step'")
         records.append(rec)
-    return records, cut
+    return records, (cut[0] if cut else None)
 
 
 def _read_tensorboard(tb_dir: str) -> list[dict]:

@@ -31,7 +31,7 @@ def llama_ffn_dim(dim: int, multiple_of: int = 64) -> int:
 
 
 @dataclass(frozen=True)
-class Dims:
+class ModelDims:
     """The sizes every layer needs, resolved once from the config."""
 
     vocab_size: int
@@ -43,7 +43,7 @@ class Dims:
     ffn_dim: int
 
     @classmethod
-    def from_config(cls, cfg: ModelConfig) -> "Dims":
+    def from_config(cls, cfg: ModelConfig) -> "ModelDims":
         return cls(
             vocab_size=cfg.vocab_size,
             dim=cfg.dim,
@@ -82,7 +82,7 @@ class CoreAttention(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, d: Dims, fused: bool):
+    def __init__(self, d: ModelDims, fused: bool):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = d.n_heads, d.n_kv_heads, d.head_dim
         self.fused = fused
@@ -107,7 +107,7 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    def __init__(self, d: Dims, fused: bool):
+    def __init__(self, d: ModelDims, fused: bool):
         super().__init__()
         self.fused = fused
         self.w_gate = nn.Linear(d.dim, d.ffn_dim, bias=False)
@@ -119,7 +119,7 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, d: Dims, eps: float, fused: bool):
+    def __init__(self, d: ModelDims, eps: float, fused: bool):
         super().__init__()
         self.attn_norm = RMSNorm(d.dim, eps, fused)
         self.attn = Attention(d, fused)
@@ -141,7 +141,7 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig, generator: Optional[torch.Generator] = None):
         super().__init__()
         self.cfg = cfg
-        d = self.dims = Dims.from_config(cfg)
+        d = self.dims = ModelDims.from_config(cfg)
         fused = cfg.kernels
         self.tok_embeddings = nn.Embedding(d.vocab_size, d.dim)
         self.layers = nn.ModuleDict({str(i): Block(d, cfg.norm_eps, fused) for i in range(d.n_layers)})

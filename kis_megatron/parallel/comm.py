@@ -20,19 +20,20 @@ import torch
 import torch.distributed as dist
 
 
-def world(group) -> int:
+def group_size(group) -> int:
+    """The number of ranks in ``group``."""
     return dist.get_world_size(group)
 
 
 def all_gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
-    parts = [torch.empty_like(x) for _ in range(world(group))]
+    parts = [torch.empty_like(x) for _ in range(group_size(group))]
     dist.all_gather(parts, x.contiguous(), group=group)
     return torch.cat(parts, dim=dim)
 
 
 def split(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     """This rank's contiguous slice of ``x`` along ``dim``."""
-    size = x.size(dim) // world(group)
+    size = x.size(dim) // group_size(group)
     return x.narrow(dim, dist.get_rank(group) * size, size).contiguous()
 
 
@@ -42,7 +43,7 @@ def reduce_scatter(x: torch.Tensor, dim: int, group) -> torch.Tensor:
         x = x.contiguous().clone()
         dist.all_reduce(x, group=group)
         return split(x, dim, group)
-    parts = list(x.contiguous().chunk(world(group), dim=dim))
+    parts = list(x.contiguous().chunk(group_size(group), dim=dim))
     out = torch.empty_like(parts[0])
     dist.reduce_scatter(out, [p.contiguous() for p in parts], group=group)
     return out

@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.distributed as dist
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.nn.parallel import DistributedDataParallel
 
 from kis_megatron.parallel.dims import ParallelDims
@@ -39,9 +41,6 @@ def all_reduce_grads(model: torch.nn.Module, group) -> None:
     communication with the last backward: DDP around each stage, which torch's schedules
     support, failed here with a reducer assertion (19 parameters, 38 gradient hooks, gloo,
     torch 2.13) when tried, and with ``static_graph=True`` ran but gave wrong gradients."""
-    import torch.distributed as dist
-    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
-
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     size = dist.get_world_size(group)
     for dtype in {g.dtype for g in grads}:

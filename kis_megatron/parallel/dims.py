@@ -17,6 +17,7 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
 
 from kis_megatron.config import ConfigError, ParallelConfig
 
@@ -93,8 +94,6 @@ def init_distributed(dims: ParallelDims, device: torch.device, timeout_s: int) -
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     if dims.mesh is None:
-        from torch.distributed.device_mesh import init_device_mesh
-
         dims.mesh = init_device_mesh(device.type, (dims.dp, dims.pp, dims.tp),
                                      mesh_dim_names=("dp", "pp", "tp"))
     return dist.group.WORLD
@@ -105,14 +104,15 @@ def destroy_distributed() -> None:
         dist.destroy_process_group()
 
 
-def _world() -> bool:
+def _multi_process() -> bool:
+    """Whether a process group of more than one rank is up."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True on every rank when ``flag`` is true on any rank (one all-reduce of one number),
     so that decisions such as skipping a step are taken by all ranks together."""
-    if not _world():
+    if not _multi_process():
         return flag
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -121,7 +121,7 @@ def any_rank(flag: bool, device: torch.device) -> bool:
 
 def from_rank0(obj):
     """Rank 0's ``obj`` on every rank (a decision read from shared files, taken once)."""
-    if not _world():
+    if not _multi_process():
         return obj
     box = [obj]
     dist.broadcast_object_list(box, src=0)

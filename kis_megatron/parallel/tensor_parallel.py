@@ -34,8 +34,8 @@ from torch import nn
 
 from kis_megatron.config import ConfigError
 from kis_megatron.model import ops
-from kis_megatron.parallel.comm import (all_gather, copy_to_tp, gather_from_tp, gather_seq,
-                                        reduce_from_tp, reduce_scatter_seq, split, world)
+from kis_megatron.parallel.comm import (all_gather, copy_to_tp, gather_from_tp, gather_seq, group_size,
+                                        reduce_from_tp, reduce_scatter_seq, split)
 
 # ---------------------------------------------------------------------------- sharding helpers
 
@@ -161,7 +161,7 @@ class SequenceParallelNorm(nn.Module):
 def check_tp(cfg, tp: int) -> None:
     """Refuse, with the key to change, a model whose sizes do not split across ``tp`` ranks.
 
-    ``cfg``: the model's ``Dims`` or ``ModelConfig`` (needs vocab_size, n_heads,
+    ``cfg``: the model's ``ModelDims`` or ``ModelConfig`` (needs vocab_size, n_heads,
     n_kv_heads; ffn_dim when known)."""
     if tp == 1:
         return
@@ -183,9 +183,9 @@ def apply_tp(model: nn.Module, tp_group, sequence_parallel: bool = False) -> nn.
     embedding's shard. ``sequence_parallel``: the residual stream between layers is split
     along the sequence (the model pads a sequence to a multiple of tp). With ``tp_group``
     None (tp == 1) the model is returned unchanged."""
-    if tp_group is None or world(tp_group) == 1:
+    if tp_group is None or group_size(tp_group) == 1:
         return model
-    tp, sp = world(tp_group), sequence_parallel
+    tp, sp = group_size(tp_group), sequence_parallel
     check_tp(model.dims, tp)
     emb, head = model.tok_embeddings, model.output
     tied = emb is not None and head is not None and head.weight is emb.weight

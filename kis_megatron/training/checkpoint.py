@@ -6,7 +6,9 @@ Layout under ``<run>/checkpoints/``::
         .metadata           so a different parallel layout can reshard them on load; a
                             tensor-parallel tensor is one chunk per shard (DTensor)
         __0_0.distcp
-        extra.pt            step, scheduler, data-stream position, RNG states (per rank)
+        extra_rank0.pt      step, scheduler, data-stream position, RNG states: one file
+        extra_rank1.pt ...  per rank (extra_rank{r}.pt); a resume at another layout reads
+                            its own rank's, else rank 0's
         COMPLETE            written last: a directory without it is never loaded
     latest                  text file naming the newest complete checkpoint
 
@@ -24,7 +26,6 @@ says, an ``extra_rank*.pt`` that is not a whole archive) and takes the newest wh
 
 from __future__ import annotations
 
-import os
 import random
 import re
 import shutil
@@ -37,6 +38,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -47,9 +50,10 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from kis_megatron.errors import KisError
+from kis_megatron.model.llama import Transformer
 from kis_megatron.parallel.dims import any_rank, from_rank0
 from kis_megatron.training.optim import local_optimizer
-from kis_megatron.utils import atomic_write_text
+from kis_megatron.utils import atomic_write, atomic_write_text, publish_dir
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
@@ -124,8 +128,6 @@ def _sharded_entries(model, msd: dict, osd: Optional[dict]):
 def _as_dtensor(local: torch.Tensor, dim: int, mesh) -> torch.Tensor:
     """This rank's shard as a DTensor sharded along ``dim`` over ``mesh`` (no copy, no
     communication: shards are equal, so the global shape follows from the local one)."""
-    from torch.distributed.tensor import DTensor, Shard
-
     shape = list(local.shape)
     shape[dim] *= mesh.size()
     stride = torch.empty(shape, device="meta").stride()
@@ -158,8 +160,6 @@ class CheckpointManager:
         if self.tp_group is None:
             return []
         if self._tp_mesh is None:
-            from torch.distributed.device_mesh import DeviceMesh
-
             device = next(model.parameters()).device.type
             self._tp_mesh = DeviceMesh.from_group(self.tp_group, device_type=device)
         entries = list(_sharded_entries(model, msd, osd))
@@ -236,15 +236,14 @@ class CheckpointManager:
         self._sharded(model, msd, osd)
         osd, _ = _renamed(osd, self.optim_aliases)
         _dcp_quietly(dcp.save, {"model": msd, "optim": osd}, checkpoint_id=str(tmp))
-        torch.save({**extra, "step": step, "rng": rng_state()}, tmp / f"extra_rank{rank}.pt.tmp")
-        os.replace(tmp / f"extra_rank{rank}.pt.tmp", tmp / f"extra_rank{rank}.pt")
+        state = {**extra, "step": step, "rng": rng_state()}
+        atomic_write(tmp / f"extra_rank{rank}.pt", lambda f: torch.save(state, f))
         _barrier()
         if rank == 0:
-            _fsync_dir_files(tmp)
             atomic_write_text(tmp / "COMPLETE", f"{step}\n")
-            if final.exists():  # re-saving a step (e.g. the final save after a periodic one)
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            # Every file flushed, then renamed into place; an existing one (a step saved
+            # again, e.g. the final save after a periodic one) is replaced whole.
+            publish_dir(tmp, final)
             atomic_write_text(self.dir / "latest", name + "\n")
             self._prune(name)
         _barrier()
@@ -299,8 +298,6 @@ class CheckpointManager:
 def model_shapes(model_cfg) -> dict[str, tuple[int, ...]]:
     """Name -> full shape of every tensor a checkpoint of this model holds (the
     single-process names and shapes whatever the layout), from a meta-device model."""
-    from kis_megatron.model.llama import Transformer
-
     with torch.device("meta"):
         model = Transformer(model_cfg)
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -416,11 +413,3 @@ def _renamed(osd: Optional[dict], aliases: dict[str, str]) -> tuple[Optional[dic
                 break
         out[key] = value
     return out, back
-
-
-def _fsync_dir_files(directory: Path) -> None:
-    """Flush every file of a finished checkpoint before it is published by rename."""
-    for p in directory.iterdir():
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())

@@ -10,7 +10,8 @@ import time
 from pathlib import Path
 
 from kis_megatron.config import LogConfig
-from kis_megatron.utils import atomic_write_text
+from kis_megatron.errors import KisError
+from kis_megatron.utils import atomic_write_text, read_jsonl
 
 
 def _jsonable(v):
@@ -63,14 +64,9 @@ class MetricsLogger:
         """A resumed run repeats the steps after its checkpoint: drop their old lines."""
         if not self.metrics_path.exists():
             return
-        kept = []
-        for line in self.metrics_path.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by a kill
-            if rec.get("step", 0) <= step:
-                kept.append(line)
+        # A last line cut by a kill is dropped with the rest; damage elsewhere is an error.
+        kept = [json.dumps(rec) for _, rec in read_jsonl(self.metrics_path, KisError, on_cut=lambda _: None)
+                if isinstance(rec, dict) and rec.get("step", 0) <= step]
         atomic_write_text(self.metrics_path, "".join(k + "\n" for k in kept))
 
     def log(self, record: dict, prefix_tb: str = "") -> None:

@@ -49,7 +49,10 @@ def stream(shards, facts, steps=20, **extra):
             "train.seed": 3, "model.vocab_size": 2048, **extra}
     if facts is not None:
         over["infusion.facts"] = facts
-    return build_train_stream(load_config(None, [f"{k}={v}" for k, v in over.items()]))
+    cfg = load_config(None, [f"{k}={v}" for k, v in over.items()])
+    return build_train_stream(cfg.data, cfg.infusion, vocab_size=cfg.model.vocab_size,
+                              seed=cfg.train.seed, global_batch=cfg.train.global_batch,
+                              steps=cfg.train.steps)
 
 
 def test_subset_view_reads_the_shards_documents(shards):

@@ -21,12 +21,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kis_megatron.data.infusion import (
-    InfusionBlender,
-    InfusionError,
-    Schedule,
-    TokenWindowSource,
-)
+from kis_megatron.data.errors import InfusionError
+from kis_megatron.data.infusion import InfusionBlender, Schedule, TokenWindowSource
 from kis_megatron.data.schedule import RatioTargets
 
 # The plan tracks targets summed in float64; vs. exact sums that adds rounding only.

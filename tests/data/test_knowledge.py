@@ -129,7 +129,7 @@ def test_template_errors_name_file_and_line(tmp_path, text, line, expect):
 
 @pytest.mark.parametrize("lines, expect", [
     (['{"subject": "a", "relation": "r", "object": "b"}', '{"subject": "a", "relation": "r"'],
-     r":2: malformed JSON"),
+     r":2: invalid JSON"),
     (['{"subject": "a", "relation": "r"}'], r":1: missing field 'object'"),
     (['{"subject": "a", "relation": "r", "object": ""}'], r":1: field 'object' must be a non"),
     (['{"subject": " a", "relation": "r", "object": "b"}'], r":1: .*surrounding whitespace"),

@@ -157,7 +157,7 @@ def test_errors_name_the_problem(tmp_path, tiny_tokenizer):
         preprocess(good, prefix, tmp_path / "none.model")
     # Every failure left the earlier dataset exactly as it was, and no temp files.
     assert {ext: _read(prefix + ext) for ext in before} == before
-    assert not [n for n in os.listdir(tmp_path) if ".tmp-" in n]
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
 
 
 def test_cli_errors_exit_2(tmp_path, tiny_tokenizer, capsys):

@@ -4,11 +4,14 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from _corpus import ROOT, tiny_overrides
 from kis_megatron.config import load_config
 from kis_megatron.train import Trainer
 
 
+@pytest.mark.slow
 def test_checkpoint_scores_match_the_runs_own_final_evaluation(world_corpus, tmp_path):
     run = tmp_path / "run"
     probes = world_corpus["probes"]

@@ -167,7 +167,7 @@ def test_probe_files_round_trip_and_errors(tmp_path, probes):
     save_probes(path, probes["domain"])
     assert load_probes(path) == probes["domain"]
     good = json.loads(path.read_text().splitlines()[0])
-    cases = [("{not json", ":1: malformed JSON"),
+    cases = [("{not json", ":1: invalid JSON"),
              (json.dumps({k: v for k, v in good.items() if k != "answer"}),
               ":1: probe is missing field 'answer'"),
              (json.dumps({**good, "fact_id": "3"}), ":1: probe field 'fact_id' must be a int"),

@@ -14,7 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach the network
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from _corpus import ROOT, tiny_overrides, torchrun, train_rows  # noqa: E402
-from kis_megatron.config import ModelConfig, load_config  # noqa: E402
+from kis_megatron.config import ModelConfig, load_config, save_config  # noqa: E402
 from kis_megatron.data.tokenizer import Tokenizer  # noqa: E402
 from kis_megatron.interop.hf import InteropError, export_hf, import_hf, load_init  # noqa: E402
 from kis_megatron.model.llama import Transformer  # noqa: E402
@@ -78,6 +78,7 @@ def _assert_logits_close(got, ref):
     assert err <= 1e-5 * ref.abs().max().item(), err
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_hf_logits_equal_ours(exported):
     tokens = _tokens()
@@ -93,6 +94,7 @@ def test_hf_logits_equal_ours(exported):
         assert ("lm_head.weight" in f.keys()) is not exported["tied"]
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_import_gives_the_same_model(exported):
     fields, state = import_hf(exported["hf_dir"])
@@ -109,6 +111,7 @@ def test_import_gives_the_same_model(exported):
         assert back.output.weight is back.tok_embeddings.weight
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_greedy_generation_identical(exported):
     tok = Tokenizer(exported["corpus"]["tokenizer"])
@@ -126,6 +129,7 @@ def test_greedy_generation_identical(exported):
     assert len(ids) > len(prompt) + 1
 
 
+@pytest.mark.slow
 def test_autotokenizer_ids_equal_ours(untied, world_corpus):
     hf_tok = transformers.AutoTokenizer.from_pretrained(untied["hf_dir"])
     ours = Tokenizer(world_corpus["tokenizer"])
@@ -156,6 +160,7 @@ def test_unigram_tokenizer_converts_exactly(world_corpus, tmp_path):
         assert fast.encode(t, add_special_tokens=False).ids == ours.encode(t), t
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_sharded_export_loads(untied):
     out = untied["dir"] / "hf_sharded"
@@ -180,6 +185,7 @@ def _edited_copy(src, dst, **changes):
     return dst
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("changes, words", [
     ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_scaling"),
     ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0}}, "llama3"),
@@ -195,6 +201,7 @@ def test_unsupported_hf_configs_are_refused(untied, tmp_path, changes, words):
         import_hf(bad)
 
 
+@pytest.mark.slow
 def test_load_init_names_a_mismatch_and_export_refuses_a_used_folder(untied, tmp_path):
     other = Transformer(ModelConfig(vocab_size=400, dim=32, n_layers=3, n_heads=4, n_kv_heads=2))
     with pytest.raises(InteropError, match="n_layers"):
@@ -213,12 +220,33 @@ def test_load_init_names_a_mismatch_and_export_refuses_a_used_folder(untied, tmp
         import_hf(broken)
 
 
+@pytest.mark.slow
+def test_export_works_from_any_directory(untied, world_corpus, tmp_path, monkeypatch):
+    """A run's relative paths (here data.tokenizer) are taken from where the run was launched
+    (run.json's launch_dir), not from where the export is started."""
+    run = tmp_path / "run"
+    shutil.copytree(untied["dir"] / "run", run)
+    launch = world_corpus["dir"]
+    cfg = load_config(run / "config.yaml")
+    cfg.data.tokenizer = os.path.relpath(world_corpus["tokenizer"], launch)
+    save_config(cfg, run / "config.yaml")
+    info = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**info, "launch_dir": str(launch)}))
+    monkeypatch.chdir(tmp_path)
+    assert not os.path.exists(cfg.data.tokenizer)  # not from here
+    export_hf("run", "hf")
+    assert (tmp_path / "hf" / "config.json").is_file()
+
+
+@pytest.mark.slow
 @torch.no_grad()
 def test_kis_train_starts_from_imported_weights(exported, tmp_path):
     yaml_path = tmp_path / "from_hf.yaml"
     proc = subprocess.run([sys.executable, str(ROOT / "tools/import_hf.py"), str(exported["hf_dir"]),
                            "--out", str(yaml_path)], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
+    # The config stands on its own: a data.seq_len the model supports (max_seq_len is 64 here).
+    assert load_config(yaml_path).data.seq_len == 64
     corpus = exported["corpus"]
     overrides = [o for o in tiny_overrides(corpus, tmp_path / "run2", **{"train.steps": 1})
                  if not o.startswith("model.")]
@@ -238,6 +266,8 @@ def test_clis_report_user_errors(tmp_path):
         assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_tp2_pp2_checkpoint_round_trip(world_corpus, tmp_path):
     """A tp=2 x pp=2 run (4 gloo processes) exports to HF with the logits of the same
     checkpoint loaded into one process, and an HF import starts a tp=2 x pp=2 run from exactly

@@ -97,10 +97,10 @@ def pytest_runtest_logreport(report):
         f.write(json.dumps({"nodeid": report.nodeid, "outcome": report.outcome, "text": text}) + "\n")
 
 
-@pytest.fixture(params=["triton", "torch"])
+@pytest.fixture(params=[pytest.param("triton", marks=pytest.mark.slow), "torch"])
 def backend(request, monkeypatch):
-    """Run the test once through the Triton kernels (interpreted) and once through the
-    PyTorch references; both are compared against float64 references."""
+    """Run the test once through the Triton kernels (interpreted: marked slow) and once
+    through the PyTorch references; both are compared against float64 references."""
     if request.param == "triton" and import_triton() is None:
         pytest.skip("triton is not installed")
     monkeypatch.setenv("KIS_KERNELS", request.param)

@@ -55,7 +55,7 @@ def test_torch_mode_never_launches_triton(monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("the Triton path was taken")
 
-    from kernels.rms_norm import RMSNormFunction
+    from kernels.ops.rms_norm import RMSNormFunction
 
     monkeypatch.setattr(RMSNormFunction, "apply", boom)
     x, w = torch.randn(3, 8), torch.randn(8)

@@ -1,7 +1,6 @@
 """linear_cross_entropy (Triton through the interpreter, and the chunked reference)
 against the full-logits float64 reference, including the vocabulary-parallel path."""
 
-import importlib
 import os
 
 import pytest
@@ -11,9 +10,9 @@ import torch.multiprocessing as mp
 
 import kernels
 from kernels._triton import import_triton
+from kernels.ops import linear_cross_entropy as LCE  # the module (kernels.linear_cross_entropy: the function)
 
 TOL = 1e-5
-LCE = importlib.import_module("kernels.linear_cross_entropy")  # the module, not the function
 
 
 def _problem(gen, n, h, v, ignore_index=-100, ignore_every=5):
@@ -130,6 +129,8 @@ def _vocab_parallel_worker(rank, world, init_file, backends, hidden, weight, tar
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_linear_cross_entropy_vocab_parallel_two_ranks(tmp_path, rel_err, gen):
     """2 gloo ranks, each holding half of a 514-row vocabulary (shards of 257 rows),
     reproduce the single-process float64 loss and gradients, on both backends."""

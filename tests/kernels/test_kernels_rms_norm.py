@@ -13,36 +13,17 @@ def _leaf(t):
 
 
 @pytest.mark.parametrize("shape", [(37, 96), (5, 3, 33), (16, 80)])
-@pytest.mark.parametrize("with_residual", [False, True])
-def test_rms_norm_matches_float64(backend, shape, with_residual, rel_err, gen):
+def test_rms_norm_matches_float64(backend, shape, rel_err, gen):
     n = shape[-1]
     x = torch.randn(shape, generator=gen) * 3.0 + 0.5
     w = torch.rand(n, generator=gen) + 0.5
-    r = torch.randn(shape, generator=gen) if with_residual else None
     gy = torch.randn(shape, generator=gen)
-    gs = torch.randn(shape, generator=gen)
-
-    def run(x, w, r):
-        out = kernels.rms_norm(x, w, 1e-5, residual=r) if r is not None else kernels.rms_norm(x, w, 1e-5)
-        return out
-
     x32, w32 = _leaf(x), _leaf(w)
-    r32 = _leaf(r) if with_residual else None
-    out32 = run(x32, w32, r32)
+    y32 = kernels.rms_norm(x32, w32, 1e-5)
     x64, w64 = _leaf(x.double()), _leaf(w.double())
-    r64 = _leaf(r.double()) if with_residual else None
-    out64 = kernels.rms_norm_reference(x64, w64, 1e-5, residual=r64)
-
-    if with_residual:
-        (y32, s32), (y64, s64) = out32, out64
-        assert rel_err(s32, s64) < TOL
-        ((y32 * gy).sum() + (s32 * gs).sum()).backward()
-        ((y64 * gy.double()).sum() + (s64 * gs.double()).sum()).backward()
-        assert rel_err(r32.grad, r64.grad) < TOL
-    else:
-        y32, y64 = out32, out64
-        (y32 * gy).sum().backward()
-        (y64 * gy.double()).sum().backward()
+    y64 = kernels.rms_norm_reference(x64, w64, 1e-5)
+    (y32 * gy).sum().backward()
+    (y64 * gy.double()).sum().backward()
     assert y32.dtype == torch.float32 and y32.shape == x.shape
     assert rel_err(y32, y64) < TOL
     assert rel_err(x32.grad, x64.grad) < TOL
@@ -57,23 +38,10 @@ def test_rms_norm_reference_is_the_formula(rel_err, gen):
     assert rel_err(kernels.rms_norm_reference(x, w), want) < 1e-14
 
 
-def test_rms_norm_only_the_sum_used(backend, rel_err, gen):
-    """When only the returned sum feeds the loss, x and residual get its gradient alone."""
-    x = torch.randn(9, 33, generator=gen, requires_grad=True)
-    r = torch.randn(9, 33, generator=gen, requires_grad=True)
-    w = (torch.rand(33, generator=gen) + 0.5).requires_grad_(True)
-    g = torch.randn(9, 33, generator=gen)
-    _, s = kernels.rms_norm(x, w, residual=r)
-    (s * g).sum().backward()
-    assert rel_err(x.grad, g) < 1e-6 and rel_err(r.grad, g) < 1e-6
-    assert w.grad is None or w.grad.abs().max().item() == 0.0
-
-
 def test_rms_norm_gradcheck_reference(gen):
     x = torch.randn(3, 5, generator=gen, dtype=torch.float64, requires_grad=True)
-    r = torch.randn(3, 5, generator=gen, dtype=torch.float64, requires_grad=True)
     w = torch.randn(5, generator=gen, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, w, r: kernels.rms_norm_reference(x, w, 1e-6, r), (x, w, r))
+    assert torch.autograd.gradcheck(lambda x, w: kernels.rms_norm_reference(x, w, 1e-6), (x, w))
 
 
 def test_rms_norm_bf16_reference_keeps_dtype(monkeypatch, rel_err, gen):
@@ -88,5 +56,3 @@ def test_rms_norm_bf16_reference_keeps_dtype(monkeypatch, rel_err, gen):
 def test_rms_norm_rejects_mismatched_weight(backend):
     with pytest.raises(ValueError, match="weight has shape"):
         kernels.rms_norm(torch.randn(4, 8), torch.randn(7))
-    with pytest.raises(ValueError, match="residual"):
-        kernels.rms_norm(torch.randn(4, 8), torch.randn(8), residual=torch.randn(4, 9))

@@ -70,7 +70,7 @@ def test_broken_logs_are_clear_errors(tmp_path, make_run):
     lines = (d / "metrics.jsonl").read_text().splitlines()
     lines[2] = "{not json"
     (d / "metrics.jsonl").write_text("\n".join(lines) + "\n")
-    with pytest.raises(LawInputError, match="metrics.jsonl line 3 is not valid JSON"):
+    with pytest.raises(LawInputError, match="metrics.jsonl:3: invalid JSON"):
         read_run(str(d))
     (d / "run.json").write_text(json.dumps({"run_id": "x", "status": "finished"}))
     with pytest.raises(LawInputError, match="run.json needs 'model_params' and 'infusion'"):

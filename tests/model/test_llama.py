@@ -1,4 +1,7 @@
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -14,10 +17,12 @@ def tiny(**kw) -> ModelConfig:
     return ModelConfig(**base)
 
 
-def reference_forward(model: Transformer, tokens: torch.Tensor) -> torch.Tensor:
-    """An independent float64 re-implementation of the forward pass from the raw weights:
-    explicit RMSNorm, complex-number RoPE, repeated KV heads and a masked softmax."""
-    sd = {k: v.double() for k, v in model.state_dict().items()}
+def reference_forward(model: Transformer, tokens: torch.Tensor, sd: dict | None = None) -> torch.Tensor:
+    """An independent float64 re-implementation of the forward pass from the raw weights
+    (``sd``, default: the model's, in float64): explicit RMSNorm, complex-number RoPE,
+    repeated KV heads and a masked softmax."""
+    if sd is None:
+        sd = {k: v.double() for k, v in model.state_dict().items()}
     d, eps = model.dims, model.cfg.norm_eps
     B, T = tokens.shape
 
@@ -110,18 +115,70 @@ def test_presets_have_their_nominal_size(name, low, high):
     assert low <= n <= high, n
 
 
-def test_fused_and_plain_ops_agree():
+def _loss_and_grads(model: Transformer, x: torch.Tensor, y: torch.Tensor) -> tuple[float, dict]:
+    loss = model(x, y)
+    loss.backward()
+    return loss.item(), {n: p.grad for n, p in model.named_parameters()}
+
+
+def _float64_loss_and_grads(model: Transformer, x: torch.Tensor, y: torch.Tensor) -> tuple[float, dict]:
+    """The loss and parameter gradients of ``reference_forward`` in float64 (autograd through
+    the independent re-implementation, not through the model's ops)."""
+    leaves = {n: p.detach().double().requires_grad_(True) for n, p in model.named_parameters()}
+    logits = reference_forward(model, x, sd=leaves)
+    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
+    loss.backward()
+    return loss.item(), {n: t.grad for n, t in leaves.items()}
+
+
+def _assert_matches_float64(got: tuple[float, dict], ref: tuple[float, dict]) -> None:
+    (loss, grads), (loss64, grads64) = got, ref
+    assert abs(loss - loss64) < 1e-5 * loss64, (loss, loss64)
+    for name, g64 in grads64.items():
+        err = (grads[name].double() - g64).abs().max().item() / g64.abs().max().item()
+        assert err < 1e-4, (name, err)
+
+
+@pytest.mark.parametrize("kernels", [True, False], ids=["fused", "plain"])
+def test_loss_and_gradients_match_float64(kernels):
+    """Both paths (the fused ops of ``model.kernels`` and plain PyTorch) against autograd
+    through the float64 re-implementation: loss and every parameter's gradient."""
+    model = build_model(tiny(kernels=kernels), seed=1)
+    gen = torch.Generator().manual_seed(4)
+    x, y = torch.randint(0, 97, (2, 9), generator=gen), torch.randint(0, 97, (2, 9), generator=gen)
+    _assert_matches_float64(_loss_and_grads(model, x, y), _float64_loss_and_grads(model, x, y))
+
+
+_TRITON_CHILD = """
+import sys, torch
+from kernels._triton import interpreter_active
+from kis_megatron.config import ModelConfig
+from kis_megatron.model.llama import build_model
+assert interpreter_active(), "triton is not interpreted"
+cfg = ModelConfig(**eval(sys.argv[1]))
+model = build_model(cfg, seed=1)
+x, y = torch.load(sys.argv[2])
+loss = model(x, y)
+loss.backward()
+torch.save((loss.item(), {n: p.grad for n, p in model.named_parameters()}), sys.argv[3])
+"""
+
+
+@pytest.mark.slow
+def test_the_triton_kernels_in_the_model_match_float64(tmp_path):
+    """The model's fused path with the Triton kernels (through Triton's interpreter, in a fresh
+    process: TRITON_INTERPRET must be set before triton is imported) against float64."""
+    pytest.importorskip("triton")
     cfg = tiny()
-    fused = build_model(cfg, seed=1)
-    plain = build_model(ModelConfig(**{**cfg.__dict__, "kernels": False}), seed=1)
-    x = torch.randint(0, 97, (2, 9))
-    y = torch.randint(0, 97, (2, 9))
-    lf, lp = fused(x, y), plain(x, y)
-    lf.backward()
-    lp.backward()
-    assert abs(lf.item() - lp.item()) < 1e-5
-    for (n, p), (_, q) in zip(fused.named_parameters(), plain.named_parameters()):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=n)
+    gen = torch.Generator().manual_seed(4)
+    x, y = torch.randint(0, 97, (2, 9), generator=gen), torch.randint(0, 97, (2, 9), generator=gen)
+    torch.save((x, y), tmp_path / "batch.pt")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "KIS_KERNELS": "triton"}
+    proc = subprocess.run([sys.executable, "-c", _TRITON_CHILD, repr(cfg.__dict__), str(tmp_path / "batch.pt"),
+                           str(tmp_path / "out.pt")], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = torch.load(tmp_path / "out.pt")
+    _assert_matches_float64(got, _float64_loss_and_grads(build_model(cfg, seed=1), x, y))
 
 
 @pytest.mark.parametrize("fused", [True, False])

@@ -98,6 +98,7 @@ def test_applying_twice_is_once_and_a_bad_mode_is_refused():
     assert [n for n, _ in model.named_parameters()] == [n for n, _ in build_model(CFG, seed=3).named_parameters()]
 
 
+@pytest.mark.slow
 def test_with_torch_compile(plain):
     """Each block compiled with its checkpoint inside (train.compile): gradients match the
     eager plain run within float32 rounding (compilation reorders sums)."""

@@ -14,6 +14,7 @@ from kis_megatron.model.llama import build_model
 from kis_megatron.train import Trainer
 from kis_megatron.training.checkpoint import CheckpointManager
 
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]  # every test starts several processes
 
 def final_weights(run_dir, cfg):
     model = build_model(cfg.model, seed=0)

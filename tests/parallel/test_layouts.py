@@ -83,6 +83,8 @@ def runs(world_corpus, tmp_path_factory):
     return get
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_layout_matches_single_process(runs, layout):
     ref, ref_grads = runs(reference_of(layout))
@@ -99,6 +101,8 @@ def test_layout_matches_single_process(runs, layout):
     assert_same_tensors(weights_at(ref, STEPS, cfg), weights_at(run, STEPS, cfg))
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("layout", ["tp2_pp2", "tp2_sp_pp2_vpp2_tied", "dp2_zero1"])
 def test_checkpoint_resumes_in_one_process(runs, world_corpus, tmp_path, layout):
     """Saved at a layout (pipeline stages, or ZeRO-1 optimizer shards), resumed by one process:
@@ -114,6 +118,8 @@ def test_checkpoint_resumes_in_one_process(runs, world_corpus, tmp_path, layout)
     assert_same_tensors(weights_at(ref, STEPS, cfg), weights_at(resumed, STEPS, cfg))
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("reference", ["single", "single_tied"])
 def test_single_process_checkpoint_resumes_at_tp2_pp2(runs, world_corpus, tmp_path, reference):
     """The other way: a tied embedding's optimizer state reaches the last stage's copy too."""
@@ -139,6 +145,8 @@ def test_bad_layouts_are_config_errors(world_corpus, tmp_path, overrides, messag
         load_config(None, tiny_overrides(world_corpus, tmp_path / "run", **{**common(world_corpus), **overrides}))
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_too_few_micro_batches_is_refused(world_corpus, tmp_path):
     """Checked on every rank before the first step, so all exit with the same message."""
     from kis_megatron.config import ParallelConfig

@@ -9,9 +9,11 @@ import pytest
 from _compare import assert_same_run, assert_same_weights, weights_at
 from _corpus import tiny_overrides, torchrun
 from kis_megatron.config import ConfigError, load_config
-from kis_megatron.model.llama import Dims
+from kis_megatron.model.llama import ModelDims
 from kis_megatron.parallel.tensor_parallel import check_tp
 from kis_megatron.train import Trainer
+
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]  # every test starts gloo ranks
 
 STEPS = 4
 COMMON = {"train.steps": STEPS, "train.global_batch": 8, "train.micro_batch": 2,
@@ -142,4 +144,4 @@ def test_kv_heads_not_divisible_by_tp_is_refused(world_corpus, tmp_path):
     assert "error: model.n_kv_heads=1 is not divisible by parallel.tp=2" in proc.stderr
     cfg = load_config(None, tiny_overrides(world_corpus, tmp_path / "x"))
     with pytest.raises(ConfigError, match="model.n_heads=4 is not divisible by parallel.tp=3"):
-        check_tp(Dims.from_config(cfg.model), 3)
+        check_tp(ModelDims.from_config(cfg.model), 3)

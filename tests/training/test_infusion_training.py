@@ -1,13 +1,18 @@
 """Infusion and retention seen through real training runs (issue: knowledge infusion)."""
 
 import json
+import os
+import runpy
+
+import pytest
 
 from kis_megatron.config import load_config
 from kis_megatron.train import Trainer
 
-from _corpus import tiny_overrides
+from _corpus import ROOT, tiny_overrides
 
 
+@pytest.mark.slow
 def test_exact_ratio_holds_at_every_step_of_a_run(world_corpus, tmp_path):
     run = tmp_path / "run"
     seq_len = 32
@@ -30,6 +35,7 @@ def test_exact_ratio_holds_at_every_step_of_a_run(world_corpus, tmp_path):
     assert info["infusion"]["ratio"] == 0.1 and info["infusion"]["domain_facts"] == 96
 
 
+@pytest.mark.slow
 def test_general_only_training_knows_general_facts_not_domain_facts(world_corpus, tmp_path):
     """Trained on the general world alone, a tiny model recalls general facts far above
     chance (1/5) and domain facts at chance: the probes measure what was infused."""
@@ -45,12 +51,12 @@ def test_general_only_training_knows_general_facts_not_domain_facts(world_corpus
     assert final["retention/domain"] < 0.35, final
 
 
+@pytest.mark.slow
 def test_facts_knob_infuses_and_probes_only_the_first_facts(world_corpus, tmp_path):
     """infusion.facts=10 of the 96-fact domain world: exposures and domain probes cover facts
     0..9 only, eval.max_probes caps the general set, and a saved checkpoint scored later
     (tools/eval_retention.py's path) picks the same probes."""
-    from kis_megatron.eval.probing import evaluate_checkpoint
-
+    evaluate_checkpoint = runpy.run_path(str(ROOT / "tools/eval_retention.py"))["evaluate_checkpoint"]
     run = tmp_path / "run"
     probes = world_corpus["probes"]
     cfg = load_config(None, tiny_overrides(world_corpus, run, **{
@@ -69,7 +75,9 @@ def test_facts_knob_infuses_and_probes_only_the_first_facts(world_corpus, tmp_pa
     assert final["probes/general"] == 16  # eval.max_probes of the 200 general facts
     docs = [json.loads(line) for line in
             (world_corpus["dir"] / "world/domain/train.jsonl").read_text().splitlines()]
-    info = json.loads((run / "run.json").read_text())["infusion"]
+    run_info = json.loads((run / "run.json").read_text())
+    info = run_info["infusion"]
+    assert run_info["launch_dir"] == os.getcwd()  # where the tools resolve the config's relative paths
     assert info["kind"] == "domain_facts" and info["value"] == 10 and info["domain_facts"] == 10
     assert info["domain_documents"] == sum(d["fact_id"] < 10 for d in docs)
     again = evaluate_checkpoint(run)

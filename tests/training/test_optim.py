@@ -44,6 +44,11 @@ def test_no_weight_decay_on_norms():
     decay = {id(p) for p in opt.param_groups[0]["params"]}
     assert id(model[0].weight) in decay and id(model[1].weight) not in decay
     assert opt.param_groups[1]["weight_decay"] == 0.0
+
+
+def test_constant_schedule_holds_the_lr_after_warmup():
+    cfg = TrainConfig(steps=30, lr=0.5, min_lr=0.05, warmup_steps=5, schedule="constant")
+    assert lrs(cfg) == pytest.approx([0.5 * (i + 1) / 5 for i in range(5)] + [0.5] * 25)
     assert lr_factor(0, TrainConfig(warmup_steps=0, schedule="constant")) == 1.0
 
 

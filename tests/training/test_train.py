@@ -29,6 +29,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
                           text=True, cwd=ROOT, timeout=300)
 
 
+@pytest.mark.slow
 def test_validation_loss_falls_well_below_its_start(world_corpus, tmp_path):
     cfg = load_config(None, tiny_overrides(world_corpus, tmp_path / "run", **{
         "train.steps": 40, "train.lr": 0.01, "checkpoint.save_final": False}))
@@ -50,6 +51,7 @@ def test_validation_loss_falls_well_below_its_start(world_corpus, tmp_path):
     assert resolved == cfg
 
 
+@pytest.mark.slow
 def test_resume_is_bit_identical(world_corpus, tmp_path):
     common = {"train.steps": 8, "checkpoint.interval": 4, "infusion.domain":
               world_corpus["shards"]["domain"], "infusion.ratio": 0.25}
@@ -90,6 +92,7 @@ KILLER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_sigkill_while_checkpointing_leaves_previous_loadable(world_corpus, tmp_path):
     run = tmp_path / "run"
     common = {"train.steps": 6, "checkpoint.interval": 2}
@@ -134,6 +137,7 @@ def test_empty_corpus_is_refused_by_preprocessing(world_corpus, tmp_path):
     assert not list(tmp_path.glob("out*"))
 
 
+@pytest.mark.slow
 def test_existing_run_dir_is_not_overwritten(world_corpus, tmp_path):
     run = tmp_path / "run"
     assert run_cli(*tiny_overrides(world_corpus, run, **{"train.steps": 2})).returncode == 0
@@ -143,6 +147,7 @@ def test_existing_run_dir_is_not_overwritten(world_corpus, tmp_path):
     assert (run / "metrics.jsonl").read_text() == before
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_another_model_is_one_clear_error(world_corpus, tmp_path):
     first = tmp_path / "two_layers"
     Trainer(load_config(None, tiny_overrides(world_corpus, first, **{"train.steps": 1}))).fit()
@@ -164,6 +169,7 @@ def test_shards_made_with_another_tokenizer_are_refused(world_corpus, tmp_path):
     assert proc.returncode == 2 and "tokenized with" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_bf16_autocast_run(world_corpus, tmp_path):
     """train.dtype=bf16 (autocast, the CUDA default) trains end to end; its losses track fp32."""
     runs = {}
