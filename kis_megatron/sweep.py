@@ -360,6 +360,7 @@ def _train_in_child(args: list[str], log_path: str) -> None:
     sys.stdout = open(1, "w", buffering=1, closefd=False)
     sys.stderr = open(2, "w", buffering=1, closefd=False)
     sys.argv = [TRAINER, *args]
+    sys.modules.pop(TRAINER, None)  # preloaded for its imports; run afresh as __main__
     code = 0
     try:
         runpy.run_module(TRAINER, run_name="__main__", alter_sys=True)
