@@ -10,7 +10,7 @@ if [ ! -f $out/data/READY ]; then
     echo "making the ladder's data first (examples/tiny_ladder/run.sh --data-only)"
     bash examples/tiny_ladder/run.sh --data-only
 fi
-OMP_NUM_THREADS=1 python tools/sweep.py examples/tiny_ladder/forgetting.yaml --jobs "${JOBS:-2}"
+OMP_NUM_THREADS=1 python tools/sweep.py examples/tiny_ladder/forgetting.yaml --jobs "${JOBS:-2}" --refine
 python tools/extract_metrics.py $out/forgetting_runs --out $out/forgetting_table.csv
 python tools/fit_law.py --table $out/forgetting_table.csv --out $out/forgetting_law \
     --metric retention/general --chance auto
