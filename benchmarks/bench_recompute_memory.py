@@ -34,7 +34,7 @@ from kis_megatron import plan as P  # noqa: E402
 from kis_megatron.config import load_config  # noqa: E402
 from kis_megatron.model.llama import build_model  # noqa: E402
 from kis_megatron.model.recompute import apply_recompute  # noqa: E402
-from kis_megatron.training.memory import LiveTensorBytes  # noqa: E402
+from kis_megatron.training.memory import accumulated_microbatch_bytes  # noqa: E402
 
 MB = 2**20
 
@@ -51,18 +51,9 @@ def measure(overrides: list[str], mode: str, repeats: int) -> dict:
         gc.collect()
         t0 = time.perf_counter()
         if i == 0:  # the measured step (the tracker slows it down; timed steps run without it)
-            with LiveTensorBytes() as mem:
-                # Two micro-batches of accumulation: the second runs with the first's gradients
-                # alive, the case the planner's total (gradients + activations) describes.
-                model(tokens[:, :-1], tokens[:, 1:]).backward()
-                gc.collect()
-                before = mem.live
-                mem.reset_peak()
-                loss = model(tokens[:, :-1], tokens[:, 1:])
-                gc.collect()
-                kept = mem.live - before
-                loss.backward()
-                peak = mem.peak
+            # Two micro-batches of accumulation: the second runs with the first's gradients
+            # alive, the case the planner's total (gradients + activations) describes.
+            kept, peak = accumulated_microbatch_bytes(model, tokens)
             continue
         model(tokens[:, :-1], tokens[:, 1:]).backward()
         times.append(time.perf_counter() - t0)

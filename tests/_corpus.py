@@ -56,6 +56,21 @@ def tiny_overrides(corpus: dict, run_dir: Path, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in base.items()]
 
 
+def write_base_config(corpus: dict, path: Path, **extra) -> Path:
+    """A sweep's base config at ``path``: the tiny run of :func:`tiny_overrides` (with
+    ``extra``) as YAML sections, without log.dir (the sweep gives every run its own)."""
+    import yaml
+
+    base: dict = {}
+    for item in tiny_overrides(corpus, Path("unused"), **extra):
+        key, value = item.split("=", 1)
+        section, name = key.split(".", 1)
+        base.setdefault(section, {})[name] = yaml.safe_load(value)
+    del base["log"]["dir"]
+    path.write_text(yaml.safe_dump(base))
+    return path
+
+
 def torchrun(nproc: int, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     """``torchrun --standalone --nproc-per-node=nproc ARGS`` on CPU (gloo), one thread a rank.
 

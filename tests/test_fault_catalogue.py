@@ -23,7 +23,7 @@ import pytest
 import torch
 import yaml
 
-from _corpus import ROOT, tiny_overrides, torchrun
+from _corpus import ROOT, tiny_overrides, torchrun, write_base_config
 from kis_megatron.config import ConfigError, load_config
 from kis_megatron.data.errors import DataError
 from kis_megatron.errors import KisError
@@ -275,13 +275,7 @@ def test_sigkill_before_the_first_checkpoint_then_the_sweep_continues(world_corp
     """A sweep run SIGKILLed at step 3 of 4 (it checkpoints only at the end): the sweep reports
     it as interrupted, not failed, and resume=auto starts it afresh: every step logged once,
     the old TensorBoard events gone, and the same losses as a run never interrupted."""
-    base = {}
-    for item in tiny_overrides(world_corpus, tmp_path / "unused", **{"train.steps": 4}):
-        key, value = item.split("=", 1)
-        section, name = key.split(".", 1)
-        base.setdefault(section, {})[name] = yaml.safe_load(value)
-    del base["log"]["dir"]
-    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    write_base_config(world_corpus, tmp_path / "base.yaml", **{"train.steps": 4})
     (tmp_path / "sweep.yaml").write_text(yaml.safe_dump({
         "base": "base.yaml", "out": str(tmp_path / "runs"), "overrides": {"log.tensorboard": True},
         "axes": {"model": [{"name": "a"}]}}))

@@ -4,7 +4,6 @@ weights, gradients and optimizer state exact; activations kept for the backward 
 activations + gradients within 10 % of the peak of a micro-batch accumulated onto another's
 gradients, on the reference (CPU) path."""
 
-import gc
 import json
 import os
 import subprocess
@@ -18,7 +17,7 @@ from kis_megatron import plan as P
 from kis_megatron.config import ConfigError, load_config
 from kis_megatron.model.llama import Transformer, build_model
 from kis_megatron.model.recompute import apply_recompute
-from kis_megatron.training.memory import LiveTensorBytes
+from kis_megatron.training.memory import accumulated_microbatch_bytes
 from kis_megatron.training.optim import build_optimizer
 
 TINY = str(ROOT / "examples" / "tiny_cpu" / "train.yaml")
@@ -91,16 +90,7 @@ def _measure(cfg):
     apply_recompute(model, cfg.train.recompute)
     tokens = torch.randint(0, cfg.model.vocab_size, (cfg.train.micro_batch, cfg.data.seq_len + 1),
                            generator=torch.Generator().manual_seed(0))
-    with LiveTensorBytes() as mem:
-        model(tokens[:, :-1], tokens[:, 1:]).backward()
-        gc.collect()
-        before = mem.live
-        mem.reset_peak()
-        loss = model(tokens[:, :-1], tokens[:, 1:])
-        gc.collect()  # cyclic garbage is not memory the backward needs
-        kept = mem.live - before
-        loss.backward()
-        peak = mem.peak
+    kept, peak = accumulated_microbatch_bytes(model, tokens)
     return kept, peak, model
 
 

@@ -5,19 +5,13 @@ import sys
 import pytest
 import yaml
 
-from _corpus import ROOT, tiny_overrides
+from _corpus import ROOT, write_base_config
 from kis_megatron.config import ConfigError
 from kis_megatron.sweep import load_sweep, print_launch, run_local, run_status
 
 
 def write_sweep(tmp_path, corpus, axes=None, **extra):
-    base = {}
-    for item in tiny_overrides(corpus, tmp_path / "unused", **{"train.steps": 3}):
-        key, value = item.split("=", 1)
-        section, name = key.split(".", 1)
-        base.setdefault(section, {})[name] = yaml.safe_load(value)
-    del base["log"]["dir"]
-    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    write_base_config(corpus, tmp_path / "base.yaml", **{"train.steps": 3})
     doc = {"base": "base.yaml", "out": str(tmp_path / "runs"),
            "axes": axes or {"model": [{"name": "d16", "overrides": {"model.dim": 16}},
                                       {"name": "d32", "overrides": {"model.dim": 32}}],

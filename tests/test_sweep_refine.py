@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from _corpus import ROOT, tiny_overrides
+from _corpus import ROOT, write_base_config
 from kis_megatron.config import ConfigError, load_config
 from kis_megatron.model.llama import Transformer
 from kis_megatron.sweep import load_sweep, run_status
@@ -360,15 +360,9 @@ def test_validation_curve_is_refined_and_resumed(tmp_path):
 def test_refine_trains_the_grid_then_the_refined_level_and_resumes(world_corpus, tmp_path):
     """Tiny runs (3 steps) on the test corpus: the grid, one refined level (max_runs 1), then a
     rerun that trains nothing."""
-    base = {}
-    for item in tiny_overrides(world_corpus, tmp_path / "unused", **{
+    write_base_config(world_corpus, tmp_path / "base.yaml", **{
             "train.steps": 3, "infusion.domain": world_corpus["shards"]["domain"],
-            "eval.probes": "{domain: %s}" % world_corpus["probes"]["domain"]}):
-        key, value = item.split("=", 1)
-        section, name = key.split(".", 1)
-        base.setdefault(section, {})[name] = yaml.safe_load(value)
-    del base["log"]["dir"]
-    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+            "eval.probes": "{domain: %s}" % world_corpus["probes"]["domain"]})
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump({
         "base": "base.yaml", "out": str(tmp_path / "runs"),

@@ -59,3 +59,22 @@ class LiveTensorBytes(TorchDispatchMode):
                 if isinstance(t, torch.Tensor):
                     self._track(t)
         return out
+
+
+def accumulated_microbatch_bytes(model, tokens: torch.Tensor) -> tuple[int, int]:
+    """The second of two accumulated micro-batches of ``tokens`` through ``model`` (the
+    first one's gradients alive, as in a step with accumulation): bytes its forward keeps
+    for the backward, and the peak bytes alive during its forward and backward."""
+    import gc
+
+    with LiveTensorBytes() as mem:
+        model(tokens[:, :-1], tokens[:, 1:]).backward()
+        gc.collect()
+        before = mem.live
+        mem.reset_peak()
+        loss = model(tokens[:, :-1], tokens[:, 1:])
+        gc.collect()  # cyclic garbage is not memory the backward needs
+        kept = mem.live - before
+        loss.backward()
+        return kept, mem.peak
+
