@@ -98,6 +98,7 @@ from kis_megatron.sweep_spec import (
 )
 
 REFINE_FILE = "refine.json"  # in the sweep's out directory: the levels refinement added
+PLAN_FILE = "validation_plan.json"  # the validation's plan (sweep_validate.py)
 
 
 @dataclass

@@ -6,7 +6,8 @@ One planning step (``plan_refinement``) reads the finished runs' final evaluatio
 refined one and the seed axis), locates each curve's collapse as fit_law does
 (law.analysis.locate: fraction 0.5, min_drop 0.1, 1000 bootstrap replicates, one stream per
 curve in fit_law's order, the validation curve's stream as fit_law --validation-runs gives
-it, so both report the same interval once every run has finished), and asks
+it; the overdispersion is pooled over the curves planned together, where fit_law pools the
+ladder's and the validation's, so a validation interval can differ slightly), and asks
 law.refine.next_level for one more level.  A curve is
 planned only when all of its runs have finished.  Each proposal becomes one new run per seed,
 recorded in ``<out>/refine.json`` (round, curve, value, runs); ``max_runs`` caps the runs
@@ -20,6 +21,7 @@ on the finished runs, so the same results give the same levels, and a rerun resu
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field, replace
 
@@ -30,8 +32,9 @@ from kis_megatron.law.analysis import VALIDATION_STREAM, Options, locate, logged
 from kis_megatron.law.collapse import AT_START, COLLAPSE, PLATEAU_UNOBSERVED, CollapsePoint
 from kis_megatron.law.refine import interval_width, next_level
 from kis_megatron.law.runs import extract_runs
-from kis_megatron.law.table import Curve, LawInputError
+from kis_megatron.law.table import Curve, LawInputError, select_curves
 from kis_megatron.sweep import (
+    PLAN_FILE,
     REFINE_FILE,
     Sweep,
     SweepRun,
@@ -107,15 +110,16 @@ def _read_curve(state: CurveState, metric: str) -> list[dict] | None:
                "its runs differ in model size or token budget")
         state.status, state.note = "unreadable", f"not refined: {why}"
         return None
-    (n, d), = budgets
     x = np.array([r["infusion"] for r in sel], dtype=float)
-    y = np.array([r["value"] for r in sel], dtype=float)
-    order = np.argsort(x, kind="stable")
-    state.curve = Curve(float(n), float(d), x[order], y[order])
     if np.unique(x).size < MIN_LEVELS:
+        (n, d), = budgets
+        order = np.argsort(x, kind="stable")
+        state.curve = Curve(float(n), float(d), x[order], np.array([r["value"] for r in sel])[order])
         state.status = "few_levels"
         state.note = (f"not refined: {np.unique(x).size} level(s) measured, a collapse curve needs "
                       f"{MIN_LEVELS}; add values to the axis")
+    else:  # the curve as fit_law reads it: probe counts, exposures, seeds
+        (state.curve,), _ = select_curves(sel, metric, min_sizes=1)
     return rows
 
 
@@ -136,6 +140,17 @@ def _describe(state: CurveState) -> str:
         ids = ", ".join(r.run_id for r in state.new_runs)
         return f"{where} -> new level {state.level:g} ({ids})"
     return f"{where}; {state.note}"
+
+
+def _ladder_plateau(sweep: Sweep) -> float | None:
+    """The ladder's plateau that a validation curve is checked against (collapse.py step 5),
+    from the law its plan was made from (law.json ``regime.ladder_plateau``)."""
+    try:
+        plan = json.loads((sweep.out / PLAN_FILE).read_text())
+        law = json.loads(open(plan["law"]).read())
+        return float(law["regime"]["ladder_plateau"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def plan_refinement(sweep: Sweep, *, n_boot: int = 1000, log=print) -> RefineStep:
@@ -164,7 +179,9 @@ def plan_refinement(sweep: Sweep, *, n_boot: int = 1000, log=print) -> RefineSte
                       key=lambda s: (s.curve.model_params, s.curve.tokens, s.label))
     options = Options(metric=spec.metric, chance=chance, n_boot=n_boot)
     stream = VALIDATION_STREAM if sweep.kind == "validation" else 0
-    for state, point in zip(measured, locate([s.curve for s in measured], options, stream)):
+    reference = _ladder_plateau(sweep) if sweep.kind == "validation" else None
+    for state, point in zip(measured, locate([s.curve for s in measured], options, stream,
+                                             reference=reference)):
         state.collapse = point
     axis = sweep.axes[spec.axis]
     new_entries, new_runs = [], []

@@ -210,6 +210,7 @@ class ValidateSpec:
     levels: int = 5
     spacing: float = 0.2  # decades
     refine_runs: int | None = None  # extra runs for the validation curve (None: refine's max_runs)
+    seeds: list[int] | None = None  # train.seed of every validation level (a seed axis of its own)
 
 
 def parse_validate(where: str, doc, axes: dict[str, Axis], refine: RefineSpec | None, out: Path) -> ValidateSpec:
@@ -217,10 +218,19 @@ def parse_validate(where: str, doc, axes: dict[str, Axis], refine: RefineSpec | 
     if not isinstance(doc, dict):
         raise ConfigError(f"{here} must be a mapping (model, model_axis, axis, levels, spacing, "
                           "refine_runs, out)")
-    unknown = set(doc) - {"model", "model_axis", "axis", "levels", "spacing", "refine_runs", "out"}
+    unknown = set(doc) - {"model", "model_axis", "axis", "levels", "spacing", "refine_runs", "out", "seeds"}
     if unknown:
         raise ConfigError(f"{here}: unknown keys {sorted(unknown)}; use model, model_axis, axis, "
-                          "levels, spacing, refine_runs, out")
+                          "levels, spacing, refine_runs, seeds, out")
+    seeds = doc.get("seeds")
+    if seeds is not None:
+        if not isinstance(seeds, list) or not seeds or any(
+                isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in seeds) or len(set(seeds)) != len(seeds):
+            raise ConfigError(f"{here}: 'seeds' must be a list of distinct integers >= 0 (train.seed of "
+                              f"each validation run), got {seeds!r}")
+        if refine is not None and refine.seed_axis is not None:
+            raise ConfigError(f"{here}: 'seeds' and refine's seed_axis {refine.seed_axis!r} both set the "
+                              "seeds; keep one")
     refine_runs = doc.get("refine_runs")
     if refine_runs is not None and (isinstance(refine_runs, bool) or not isinstance(refine_runs, int)
                                     or refine_runs < 0):
@@ -249,4 +259,4 @@ def parse_validate(where: str, doc, axes: dict[str, Axis], refine: RefineSpec | 
                           "so that the ladder's runs and the validation runs never mix")
     point = Point(str(model["name"]), dict(overrides))
     return ValidateSpec(model=point, out=vout, model_axis=model_axis, axis=axis, levels=levels,
-                        spacing=spacing, refine_runs=refine_runs)
+                        spacing=spacing, refine_runs=refine_runs, seeds=seeds)

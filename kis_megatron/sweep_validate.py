@@ -2,13 +2,16 @@
 sweep.py): runs of that model at infusion levels centred on the collapse point the law
 predicts for it, so that its measured collapse can be compared with the prediction.
 
-The prediction uses law.json as tools/fit_law.py writes it: CP = coefficient * N^exponent
-(* D^tokens_exponent when the law has a D term), with N the validation model's parameters
-(counted on the meta device, as run.json will report them) and D = train.global_batch *
-data.seq_len * train.steps from its resolved config.  The levels are CP * 10^(spacing * k),
-k = -(levels-1)/2 ... (levels-1)/2 (rounded on an integer axis, clipped to refine's limits,
-duplicates removed), crossed with every axis but the model axis and the levels' axis, so seeds
-repeat.  With a token-budget axis each budget gets its own prediction.
+The prediction is the one tools/fit_law.py made, through law/lawfile.py (the selected form
+of the law, from its law.json), with N the validation model's parameters (counted on the meta
+device, as run.json will report them), D = train.global_batch * data.seq_len * train.steps from
+its resolved config and the ladder's domain share.  The levels are the ``levels`` points of the
+fixed grid 10^(spacing * j), j integer, nearest the prediction (rounded on an integer axis,
+clipped to refine's limits, duplicates removed): a prediction that moves by a fraction of a
+grid step keeps its levels, so the measured point does not move with the fit's last digits.
+They are crossed with every axis but the model axis and the levels' axis, so seeds repeat;
+``seeds: [...]`` runs every level once per train.seed (a seed axis of the validation alone).
+With a token-budget axis each budget gets its own prediction.
 
 ``<validate out>/validation_plan.json`` records the law (path and sha256), N, D, the
 prediction and the levels of each curve.  A rerun with the same law.json resumes; a plan made
@@ -21,59 +24,49 @@ never deletes a run.  When the runs have finished, ``tools/fit_law.py --runs LAD
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import itertools
 import json
 import math
 from pathlib import Path
 
-import numpy as np
-
 from kis_megatron.config import ConfigError
-from kis_megatron.sweep import REFINE_FILE, Sweep, add_refined_runs, build_run
-from kis_megatron.sweep_spec import Axis
+from kis_megatron.errors import KisError
+from kis_megatron.law import lawfile
+from kis_megatron.law.lawfile import LawFile, LawFileError
+from kis_megatron.sweep import PLAN_FILE, REFINE_FILE, Sweep, add_refined_runs, build_run
+from kis_megatron.sweep_spec import Axis, ValueTemplate
 from kis_megatron.utils import atomic_write_json
 
-PLAN_FILE = "validation_plan.json"
+SEED_AXIS = "seed"
 
 
-def read_law(path: str | Path) -> tuple[dict, str]:
-    """law.json's content and the sha256 of its bytes; ConfigError when it is not a law."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"law file not found: {path} (write it with tools/fit_law.py --out DIR)")
-    data = path.read_bytes()
+def read_law(path: str | Path) -> LawFile:
+    """law.json through lawfile.read_law, its errors as ConfigError (a sweep's error)."""
     try:
-        law = json.loads(data)
-        a, b, c = law["coefficient"], law["exponent"], law.get("tokens_exponent")
-        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in (a, b)) or a <= 0 \
-                or not (c is None or isinstance(c, (int, float)) and math.isfinite(c)):
-            raise ValueError("coefficient must be > 0, exponent and tokens_exponent finite numbers")
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise ConfigError(f"{path} is not a law.json written by tools/fit_law.py "
-                          f"({type(e).__name__}: {e})") from None
-    return law, hashlib.sha256(data).hexdigest()
-
-
-def predict_collapse(law: dict, n: float, d: float) -> float:
-    """CP = coefficient * N^exponent (* D^tokens_exponent)."""
-    cp = law["coefficient"] * n ** law["exponent"]
-    if law.get("tokens_exponent") is not None:
-        cp *= d ** law["tokens_exponent"]
-    return float(cp)
+        return lawfile.read_law(path)
+    except LawFileError as e:
+        raise ConfigError(str(e)) from None
 
 
 def validation_levels(cp: float, levels: int, spacing: float, integer: bool = False,
                       limits: tuple[float, float] = (0.0, math.inf)) -> list:
-    """CP * 10^(spacing * k) for k = -(levels-1)/2 ... (levels-1)/2, rounded when ``integer``,
-    clipped to ``limits``, without duplicates or non-positive levels, ascending."""
+    """The ``levels`` points of the grid 10^(spacing * j) nearest ``cp`` (in log), rounded when
+    ``integer``, clipped to ``limits``, without duplicates or non-positive levels, ascending."""
+    x = math.log10(cp) / spacing
+    first = math.floor(x - (levels - 1) / 2 + 0.5)  # the block of grid points centred on x
     out = []
-    for k in np.arange(levels) - (levels - 1) / 2:
-        v = min(max(cp * 10 ** (spacing * float(k)), limits[0]), limits[1])
+    for j in range(first, first + levels):
+        v = min(max(10 ** (spacing * j), limits[0]), limits[1])
         v = int(round(v)) if integer else float(v)
         if v > 0 and v not in out:
             out.append(v)
     return sorted(out)
+
+
+def _seed_axis(spec) -> Axis:
+    """The validation's own seed axis (``validate: seeds``)."""
+    template = ValueTemplate("validate: seeds", "s{value}", {"train.seed": "{value}"}, integer=True)
+    return Axis(SEED_AXIS, [template.point(s) for s in spec.seeds], template)
 
 
 def validation_sweep(sweep: Sweep, law_path: str | Path, *, force_new_plan: bool = False,
@@ -84,15 +77,23 @@ def validation_sweep(sweep: Sweep, law_path: str | Path, *, force_new_plan: bool
     spec = sweep.validate
     if spec is None:
         raise ConfigError(f"{sweep.path}: --validate needs a validate: section in the sweep file")
-    law, sha = read_law(law_path)
+    law = read_law(law_path)
+    sha = law.sha256
     axes: dict[str, Axis] = {a: (Axis(a, [spec.model]) if a == spec.model_axis else ax)
                              for a, ax in sweep.axes.items()}
+    seed_axis = sweep.refine.seed_axis if sweep.refine else None
+    if spec.seeds:
+        if SEED_AXIS in axes:
+            raise ConfigError(f"{sweep.path}: validate: seeds needs an axis named {SEED_AXIS!r}, "
+                              "and the sweep has one already; use refine's seed_axis instead")
+        axes[SEED_AXIS] = _seed_axis(spec)
+        seed_axis = SEED_AXIS
     refine = sweep.refine
-    if refine is not None and spec.refine_runs is not None:
-        refine = dataclasses.replace(refine, max_runs=spec.refine_runs)
+    if refine is not None:
+        refine = dataclasses.replace(refine, seed_axis=seed_axis,
+                                     **({} if spec.refine_runs is None else {"max_runs": spec.refine_runs}))
     vsweep = Sweep(base=sweep.base, out=spec.out, path=sweep.path, common=dict(sweep.common),
                    axes=axes, refine=refine, kind="validation")
-    seed_axis = sweep.refine.seed_axis if sweep.refine else None
     level_axis = axes[spec.axis]
     others = [a for a in axes if a not in (spec.model_axis, spec.axis, seed_axis)]
     seeds = axes[seed_axis].points if seed_axis else [None]
@@ -104,7 +105,10 @@ def validation_sweep(sweep: Sweep, law_path: str | Path, *, force_new_plan: bool
         if seed_axis:
             probe[seed_axis] = seeds[0]
         run = build_run(vsweep, probe)
-        cp = predict_collapse(law, run.params, run.tokens)
+        try:
+            cp = law.predict(run.params, run.tokens)
+        except KisError as e:
+            raise ConfigError(f"{law_path}: {e}") from None
         levels = validation_levels(cp, spec.levels, spec.spacing, level_axis.template.integer, limits)
         if not levels:
             raise ConfigError(f"{sweep.path}: validate: no positive level around the predicted {cp:.4g}")
@@ -124,16 +128,18 @@ def validation_sweep(sweep: Sweep, law_path: str | Path, *, force_new_plan: bool
         dup = next(i for i in ids if ids.count(i) > 1)
         raise ConfigError(f"{sweep.path}: validate: two levels give the run id {dup!r}; make the name "
                           f"template of axis '{spec.axis}' finer")
+    doc = law.doc
     plan = {
-        "law": str(Path(law_path).resolve()), "law_sha256": sha, "form": law.get("form"),
-        "coefficient": law["coefficient"], "exponent": law["exponent"],
-        "tokens_exponent": law.get("tokens_exponent"), "metric": law.get("metric"),
+        "law": str(Path(law_path).resolve()), "law_sha256": sha, "form": law.selected,
+        "coefficient": doc["coefficient"], "exponent": doc["exponent"],
+        "tokens_exponent": doc.get("tokens_exponent"), "metric": law.metric,
+        "seeds": spec.seeds,
         "model": {"name": spec.model.name, "overrides": spec.model.overrides},
         "model_axis": spec.model_axis, "axis": spec.axis, "levels_requested": spec.levels,
         "spacing": spec.spacing, "curves": curves,
     }
-    if sweep.refine and law.get("metric") not in (None, sweep.refine.metric):
-        log(f"validate: note: the law was fitted on {law['metric']}, refine: measures {sweep.refine.metric}")
+    if sweep.refine and law.metric not in (None, sweep.refine.metric):
+        log(f"validate: note: the law was fitted on {law.metric}, refine: measures {sweep.refine.metric}")
     stale = _check_plan(vsweep.out, sha, law_path, force_new_plan, write, curves)
     if write:
         atomic_write_json(vsweep.out / PLAN_FILE, plan)

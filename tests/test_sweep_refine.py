@@ -262,7 +262,8 @@ def test_validation_levels_centre_on_the_prediction(tmp_path, tokens_exponent):
     vsweep = validation_sweep(load_sweep(path), law, log=lines.append)
     n, d = held_out_size()
     cp = 0.05 * n**0.25 * (d**tokens_exponent if tokens_exponent is not None else 1)
-    levels = [cp * 10 ** (0.2 * k) for k in (-2, -1, 0, 1, 2)]
+    j = round(math.log10(cp) / 0.2)  # the grid point nearest the prediction is the middle one
+    levels = [10 ** (0.2 * (j + k)) for k in (-2, -1, 0, 1, 2)]
     plan = json.loads((tmp_path / "runs_validate" / PLAN_FILE).read_text())
     assert plan["law"] == str(law.resolve()) and len(plan["law_sha256"]) == 64
     assert plan["tokens_exponent"] == tokens_exponent and plan["model"]["name"] == "d48"
@@ -279,11 +280,22 @@ def test_validation_levels_centre_on_the_prediction(tmp_path, tokens_exponent):
 
 
 def test_validation_levels_rounded_clipped_and_unique():
-    assert validation_levels(3.0, 5, 0.1, integer=True) == [2, 3, 4, 5]  # 1.89 2.38 3 3.78 4.75
-    assert validation_levels(100.0, 4, 0.5) == pytest.approx([100 * 10 ** -0.75, 100 * 10 ** -0.25,
-                                                              100 * 10 ** 0.25, 100 * 10 ** 0.75])
+    # grid 10^(0.1 j): 2 2.51 3.16 3.98 5.01 around 3.0 (j = 5 nearest), rounded and unique
+    assert validation_levels(3.0, 5, 0.1, integer=True) == [2, 3, 4, 5]
+    # an even count: the block of grid points whose centre is nearest (a tie takes the upper)
+    assert validation_levels(100.0, 4, 0.5) == pytest.approx([10**1.5, 10**2, 10**2.5, 10**3])
+    assert validation_levels(90.0, 4, 0.5) == pytest.approx([10**1, 10**1.5, 10**2, 10**2.5])  # centre 56
     assert validation_levels(100.0, 3, 1.0, limits=(20.0, 500.0)) == [20.0, 100.0, 500.0]
-    assert validation_levels(0.2, 3, 0.5, integer=True) == [1]  # 0.063 and 0.2 round to 0: dropped
+    assert validation_levels(0.2, 3, 0.5, integer=True) == [1]  # 0.1 and 0.32 round to 0: dropped
+
+
+def test_validation_levels_do_not_move_with_the_last_digits_of_the_prediction():
+    # the levels lie on a fixed grid, so a refit that moves the prediction by a few percent
+    # (another machine's last bits, a refit with its validation) runs the same levels
+    base = validation_levels(877.3, 4, 0.2, integer=True)
+    assert base == [398, 631, 1000, 1585]
+    for cp in (850.0, 877.3 * 1.02, 900.0):
+        assert validation_levels(cp, 4, 0.2, integer=True) == base
 
 
 def test_a_changed_law_is_refused_unless_forced_and_runs_are_kept(tmp_path, capsys):
@@ -386,7 +398,7 @@ def test_refine_trains_the_grid_then_the_refined_level_and_resumes(world_corpus,
 def test_the_loop_through_fit_law_ladder_law_validation_plan_check(tmp_path):
     """fit_law's law.json drives --validate, and fit_law --validation-runs reads its runs back."""
     from kis_megatron.law.analysis import Options, analyze
-    from kis_megatron.law.report import write_outputs
+    from kis_megatron.law.outputs import write_outputs
     from kis_megatron.law.runs import extract_runs
 
     models = [{"name": f"d{d}", "overrides": {"model.dim": d}} for d in (16, 24, 32)]

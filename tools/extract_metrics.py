@@ -6,7 +6,7 @@
 By default each finished run gives its final evaluation; --all-evals gives every
 evaluation of every run (unfinished runs included).  One row per metric: columns
 model_params, tokens, infusion, metric, value, run_id, step, exposures, infusion_kind,
-seed.  Metrics come from metrics.jsonl, or from the TensorBoard events in tb/ when
+seed, n_probes, domain_tokens (kis_megatron/law/table.py says what each means).  Metrics come from metrics.jsonl, or from the TensorBoard events in tb/ when
 metrics.jsonl is missing.  Writes CSV, or Parquet when the name ends in .parquet and
 pyarrow is installed; the file is written atomically.
 """

@@ -3,7 +3,8 @@
 # 4 model sizes x infusion levels, refined where each collapse is least known (two runs at a
 # time, one thread each) -> the law fitted on them -> the runs of a 2x larger held-out model
 # around its predicted collapse point -> the law checked against that model's measured
-# collapse -> out/tiny_ladder/law/{law.json,report.md,*.png}. Re-running skips finished runs.
+# collapse (2 seeds) -> the recommendation for a model 2x the validated size ->
+# out/tiny_ladder/law/{law.json,report.md,*.png}. Re-running skips finished runs.
 # See examples/tiny_ladder/README.md for the design and its validation protocol.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -45,5 +46,5 @@ stamp "validating on a larger held-out model (d192) around the predicted collaps
 python tools/sweep.py examples/tiny_ladder/sweep.yaml --validate $out/ladder_law/law.json --jobs 2 --refine
 stamp "checking the law against the held-out model"
 python tools/fit_law.py --runs $out/runs --validation-runs $out/validate_runs --out $out/law \
-    --chance auto --predict 1e7
+    --chance auto --recommend 2e6,614400,0.3
 stamp "done: $out/law/report.md"

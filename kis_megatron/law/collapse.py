@@ -19,14 +19,22 @@ Method (the one this project documents and reports):
 
    ``floor`` is the chance level when given, else a free parameter kept within 10% of the
    observed drop below the lowest level mean; ``plateau`` may sit at most 10% of the drop
-   above the highest level mean (neither asymptote is extrapolated far beyond the data);
+   above the highest level mean, and never above the metric's ``ceiling`` (an accuracy's
+   plateau of 1.04 would raise the threshold and lower the point); neither asymptote is
+   extrapolated far beyond the data;
    ``width`` (decades) is at least a quarter of the smallest level spacing, so a step
    sharper than the grid is placed midway between the levels that bracket it, as
    log-scale interpolation would.
 5. The plateau must be measured: at least two levels before the fall within ``min_drop`` of
    the maximum, or the maximum within ``min_drop`` of a known ceiling (``ceiling``: 1 for an
-   accuracy; closer than the smallest fall that counts, it cannot be told from the ceiling).  Otherwise the curve is already falling at its first levels and the threshold,
-   a share of the plateau, is unknown: a higher plateau would put the collapse lower, so the
+   accuracy; closer than the smallest fall that counts, it cannot be told from the ceiling).
+   And when the other curves of the study reach a higher plateau (``reference_plateau``,
+   their median, given by ``law.analysis.locate``; the ladder's for a validation curve), a
+   maximum more than ``min_drop`` below it counts only if two levels lie within
+   ``min_drop / 2`` of it (flat): two levels on a slow fall, 0.78 and 0.71 where the ladder
+   plateaus at 1.0, cannot be told from a plateau by their own noise, but the other curves
+   tell.  Otherwise the curve is already falling at its first levels and the threshold, a
+   share of the plateau, is unknown: a higher plateau would put the collapse lower, so the
    fitted crossing is only an upper bound (status ``plateau_unobserved_upper_bound``; extend
    the levels down).
 6. The collapse point is where retention above the floor has fallen to ``fraction``
@@ -36,17 +44,23 @@ Method (the one this project documents and reports):
    Without a known floor, a fall seen only at the largest infusion does not measure the
    floor: status ``floor_unobserved_lower_bound``, bounded below by the last level above
    the threshold.
-7. Confidence interval: residual bootstrap with a fixed seed.  The residuals of the fit are
-   scaled by sqrt(n / (n - p)) (least-squares shrinkage, p fitted parameters) and by
-   t_{n-p} / z (the noise level is estimated from few degrees of freedom), resampled with
-   replacement onto the fitted curve, the step is refitted and x_c recomputed; the
-   interval is the percentile interval of 10**x_c.  In simulations of 9-level curves with
-   even noise, 95% intervals covered the true point 94% of the time (86% without the
-   t / z factor); with binomial accuracy noise, larger on the slope than on the plateaus
-   that the pooled residuals also describe, about 85%.  The replicates are kept so that
-   the law fit can propagate them (see fit.py).  When the fitted width sits at its lower
-   bound (a fall sharper than the level spacing), the interval is widened to span the
-   two levels that bracket the threshold, the finest placement the grid allows.
+7. Confidence interval: a parametric bootstrap with a fixed seed when the probe count of
+   every accuracy is known: each accuracy is redrawn around the fitted step, its run moved by
+   the run-to-run spread on the logit scale that the residuals show and then binomial over
+   its probes (noise.py; the spread pooled over all curves of an analysis by
+   ``law.analysis.locate``, since one curve has only a few residual degrees of freedom), the
+   step is refitted and x_c recomputed; the interval is
+   the percentile interval of 10**x_c.  So the interval carries the run-to-run spread
+   (seeds, other data at other levels) and not only the probes': a curve fitted almost
+   exactly by a step (d128 of the tiny ladder: 533 [529, 535] from its residuals) is no
+   longer given an interval far narrower than a second seed would move it.  Without probe
+   counts, a residual bootstrap: the residuals scaled by sqrt(n / (n - p)) (least-squares
+   shrinkage, p fitted parameters) and by t_{n-p} / z, resampled onto the fitted curve (in
+   simulations of 9-level curves with even noise, 95% intervals covered 94%; with binomial
+   noise about 85%).  The replicates are kept so that the law fit can propagate them (see
+   fit.py).  When the fitted width sits at its lower bound (a fall sharper than the level
+   spacing), the interval is widened to span the two levels that bracket the threshold, the
+   finest placement the grid allows.
 """
 
 from __future__ import annotations
@@ -57,6 +71,7 @@ import numpy as np
 from scipy.optimize import least_squares
 from scipy.special import expit, ndtri, stdtrit
 
+from kis_megatron.law.noise import SpreadSums, redraw, run_spread
 from kis_megatron.law.table import Curve
 
 COLLAPSE = "collapse"
@@ -109,6 +124,9 @@ class CollapsePoint:
     fit_range: tuple[float, float] | None = None
     n_levels: int = 0
     n_measurements: int = 0
+    ceiling: float | None = None  # the metric's largest value the fit was bounded by
+    spread: float | None = None  # run-to-run spread (logit) behind the interval (noise.py)
+    spread_sums: SpreadSums | None = None  # this curve's residual sums, for pooling
     boot_log10: np.ndarray | None = field(default=None, repr=False)
 
     def to_json(self) -> dict:
@@ -154,7 +172,8 @@ class _StepProblem:
     """Bounds and least-squares refits of the step for one set of infusion levels, so that
     bootstrap replicates reuse the bounds of the original data."""
 
-    def __init__(self, x: np.ndarray, y: np.ndarray, chance: float | None):
+    def __init__(self, x: np.ndarray, y: np.ndarray, chance: float | None,
+                 ceiling: float | None = None):
         self.x, self.chance = x, chance
         levels, means, _ = level_means(x, y)
         drop = max(means.max() - means.min(), 1e-9)
@@ -162,6 +181,8 @@ class _StepProblem:
         span = max(levels[-1] - levels[0], 1e-9)
         w_min = np.diff(levels).min() / 4.0 if levels.size > 1 else 0.05
         top = means.max() + margin
+        if ceiling is not None:  # an accuracy's plateau cannot lie above 1
+            top = max(min(top, ceiling), means.max())
         lo = [min(means.min(), top - 1e-9)]
         hi = [top]
         if chance is None:
@@ -226,12 +247,16 @@ def detect_collapse(
     confidence: float = 0.95,
     rng: np.random.Generator | None = None,
     ceiling: float | None = None,
+    spread: float | None = None,
+    reference_plateau: float | None = None,
 ) -> CollapsePoint:
     """Locate the critical collapse point of one retention curve with a bootstrap CI, by the
     method in this module's docstring.  ``fraction``: share of the plateau above the floor
     that defines the collapse; ``chance``: known floor (e.g. 1/(K+1) for K distractors);
     ``min_drop``: smallest fall (metric units) that counts as a collapse; ``ceiling``: the
-    largest value the metric can take (1 for an accuracy), a plateau there counts as measured."""
+    largest value the metric can take (1 for an accuracy), a plateau there counts as measured;
+    ``spread``: the run-to-run spread for the interval (default: this curve's own, noise.py);
+    ``reference_plateau``: the plateau the other curves of the study reach (step 5)."""
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"fraction must be in (0, 1), got {fraction}")
     if min_drop <= 0:
@@ -244,7 +269,7 @@ def detect_collapse(
     start = peak
     while start > 0 and means[start - 1] >= means[peak] - min_drop / 2:
         start -= 1
-    base = dict(model_params=curve.model_params, tokens=curve.tokens)
+    base = dict(model_params=curve.model_params, tokens=curve.tokens, ceiling=ceiling)
     base.update(n_levels=int(levels.size), n_measurements=int(x_all.size))
     lo_inf, hi_inf = float(raw[0]), float(raw[-1])
 
@@ -262,7 +287,7 @@ def detect_collapse(
 
     keep = x_all >= levels[start]
     x, y = x_all[keep], curve.value[keep]
-    prob = _StepProblem(x, y, chance)
+    prob = _StepProblem(x, y, chance, ceiling)
     theta = prob.fit(y)
     fit = prob.to_step(theta)
     threshold = fit.floor + fraction * (fit.plateau - fit.floor)
@@ -289,6 +314,14 @@ def detect_collapse(
             note=f"the plateau is not measured (one level, {raw[peak]:.4g}, above the fall, at "
             f"{means[peak]:.3g}): a higher plateau puts the collapse lower; add levels below",
         )
+    flat = int(np.sum(means[start:first_below] >= means[peak] - min_drop / 2))
+    if reference_plateau is not None and means[peak] < reference_plateau - min_drop and flat < 2:
+        return CollapsePoint(
+            **base, status=PLATEAU_UNOBSERVED, upper_bound=float(10**xc),
+            note=f"the highest level mean, {means[peak]:.3g} at {raw[peak]:.4g}, lies more than "
+            f"{min_drop:g} below the other curves' plateaus ({reference_plateau:.3g}) and the levels "
+            "before the fall are not flat: the curve is already falling; add levels below",
+        )
     last_above = max(first_below - 1, start)
     if chance is None and first_below == levels.size - 1:
         # Without a known floor, one fallen level does not measure the floor, so the
@@ -302,11 +335,26 @@ def detect_collapse(
     fitted = prob.to_step(theta)(10**x)
     n, p = y.size, theta.size
     alpha = (1.0 - confidence) / 2
-    resid = (y - fitted) * _residual_inflation(n, p, alpha)
     boot = np.empty(n_boot)
-    for r in range(n_boot):
-        y_star = fitted + rng.choice(resid, size=n, replace=True)
-        boot[r] = prob.to_step(prob.refit(y_star, theta)).crossing(fraction)
+    k = curve.n_probes[keep] if curve.n_probes is not None else None
+    if k is not None:
+        base["spread_sums"] = SpreadSums.of(y, fitted, k, p)
+    if n_boot == 0:  # the fit alone (locate's first pass, for the pooled spread)
+        return CollapsePoint(**base, status=COLLAPSE, collapse_infusion=float(10**xc),
+                             note="located; no interval (n_boot=0)")
+    if k is not None:
+        # every accuracy redrawn over its probes with the run-to-run spread (noise.py):
+        # the analysis's pooled run-to-run spread, else this curve's own
+        if spread is None:
+            spread = run_spread(base["spread_sums"])
+        base["spread"] = spread
+        for r in range(n_boot):
+            boot[r] = prob.to_step(prob.refit(redraw(rng, fitted, k, spread), theta)).crossing(fraction)
+    else:
+        resid = (y - fitted) * _residual_inflation(n, p, alpha)
+        for r in range(n_boot):
+            y_star = fitted + rng.choice(resid, size=n, replace=True)
+            boot[r] = prob.to_step(prob.refit(y_star, theta)).crossing(fraction)
     ci_lo, ci_hi = np.quantile(boot, [alpha, 1.0 - alpha])
     note = "collapse located inside the measured range"
     if fit.width <= prob.lo[-1] * (1 + 1e-9):

@@ -21,6 +21,7 @@ from typing import Callable
 import numpy as np
 
 from kis_megatron.law.collapse import COLLAPSE, CollapsePoint
+from kis_megatron.law.forms import Covariates, Form, PowerForm
 from kis_megatron.law.table import LawInputError
 
 
@@ -35,7 +36,9 @@ def design_matrix(n, d, use_tokens: bool) -> np.ndarray:
 
 @dataclass
 class LawFit:
-    """A fitted law: ``coef`` = [log10 a, b (, c)] and its bootstrap replicates."""
+    """A fitted law: ``coef`` (the form's parameters; for the paper's power form
+    [log10 a, b (, c)]) and its bootstrap replicates.  ``form`` maps them to collapse points
+    (forms.py); the two-stage fit and the default joint fit are the power form."""
 
     coef: np.ndarray  # (p,)
     boot_coef: np.ndarray  # (R, p)
@@ -46,18 +49,43 @@ class LawFit:
     dropped_replicates: int
     method: str = "two-stage"
     note: str = ""  # how the law's terms were chosen, when that needs saying (law_design)
+    form: Form | None = None  # None: the power form on these points
+    exposure_slope: float = -1.0  # E = K * infusion^s of the curves (forms.Covariates)
+    # the joint fit's goodness: residual sum of squares, measurements, fitted parameters
+    rss: float | None = None
+    n_obs: int = 0
+    n_params: int = 0
+    curve_shapes: object = None  # joint.CurveShapes: the fitted falls, for the recommendation
+    curve_sd: float = 0.0  # spread of the curves' collapse points about the law (joint.curve_scatter)
+
+    def __post_init__(self):
+        if self.form is None:
+            n = np.array([p.model_params for p in self.points], dtype=float)
+            d = np.array([p.tokens for p in self.points], dtype=float)
+            self.form = PowerForm(Covariates.of(n, d), self.use_tokens)
+
+    @property
+    def form_name(self) -> str:
+        return self.form.name
 
     @property
     def coefficient(self) -> float:
+        self._power_only("coefficient")
         return float(10 ** self.coef[0])
 
     @property
     def exponent(self) -> float:
+        self._power_only("exponent")
         return float(self.coef[1])
 
     @property
     def tokens_exponent(self) -> float | None:
+        self._power_only("tokens_exponent")
         return float(self.coef[2]) if self.use_tokens else None
+
+    def _power_only(self, what: str) -> None:
+        if self.form.name != "power":
+            raise AttributeError(f"{what} is a parameter of the power form, not of {self.form.name}")
 
     def _interval(self, samples: np.ndarray) -> tuple[float, float]:
         alpha = (1.0 - self.confidence) / 2
@@ -65,30 +93,53 @@ class LawFit:
         return float(lo), float(hi)
 
     def coef_ci(self, k: int) -> tuple[float, float]:
-        """Percentile interval of coefficient k (0: log10 a, 1: b, 2: c)."""
+        """Percentile interval of parameter k (power form: 0: log10 a, 1: b, 2: c)."""
         return self._interval(self.boot_coef[:, k])
 
     def coefficient_ci(self) -> tuple[float, float]:
         lo, hi = self.coef_ci(0)
         return 10**lo, 10**hi
 
-    def predict(self, n, d=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Predicted collapse infusion at sizes ``n`` (and budgets ``d``) with the lower and
-        upper ends of its bootstrap interval; arrays of n's shape."""
+    def parameters(self) -> dict:
+        """The form's parameters as reported (forms.Form.describe), each with its percentile
+        interval under ``<name>_ci``."""
+        value = self.form.describe(self.coef)
+        reps = [self.form.describe(b) for b in self.boot_coef]
+        out = {}
+        for key, v in value.items():
+            out[key] = v
+            samples = np.array([r[key] for r in reps], dtype=float)
+            if np.ptp(samples) > 0 or key not in ("N0", "D0"):
+                out[f"{key}_ci"] = list(self._interval(samples))
+        return out
+
+    def covariates(self, n, d=None, k=None) -> Covariates:
+        """The form's inputs at sizes ``n`` (budgets ``d``, exposure scales ``k``), checked."""
         if self.use_tokens and d is None:
             raise LawInputError(
                 "the law depends on the token budget D: give the target as N,D "
                 "(for example --predict 1e9,2e10)"
             )
-        x = design_matrix(n, d, self.use_tokens)
-        pred = x @ self.coef
-        samples = self.boot_coef @ x.T  # (R, len(n))
+        if self.form.uses_exposures and k is None:
+            raise LawInputError(f"the {self.form.name} form predicts exposures per fact: the target's "
+                                "renderings (its exposure scale) are needed")
+        return Covariates.of(n, d, k, self.exposure_slope)
+
+    def predict_log10(self, n, d=None, k=None) -> tuple[np.ndarray, np.ndarray]:
+        """log10 collapse infusion at the targets and its bootstrap replicates (R, len(n))."""
+        cov = self.covariates(n, d, k)
+        return self.form.xc(self.coef, cov), self.form.xc(self.boot_coef, cov)
+
+    def predict(self, n, d=None, k=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Predicted collapse infusion at sizes ``n`` (budgets ``d``; exposure scales ``k`` for
+        the exposure forms) with the lower and upper ends of its bootstrap interval."""
+        pred, samples = self.predict_log10(n, d, k)
         alpha = (1.0 - self.confidence) / 2
         lo, hi = np.quantile(samples, [alpha, 1.0 - alpha], axis=0)
         return 10**pred, 10**lo, 10**hi
 
-    def form(self) -> str:
-        return "CP = a * N^b * D^c" if self.use_tokens else "CP = a * N^b"
+    def form_text(self) -> str:
+        return self.form.formula
 
 
 def usable_points(points: list[CollapsePoint]) -> list[CollapsePoint]:

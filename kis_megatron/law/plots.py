@@ -75,26 +75,39 @@ def plot_curves(a: Analysis, path: str) -> None:
     _save(fig, path)
 
 
+def _form_band(a: Analysis, name: str, grid: np.ndarray, d: float | None):
+    """A credible form's prediction and interval over sizes ``grid`` at budget ``d``."""
+    law = a.selection.fits[name].law
+    budget = d if d is not None else a.selection.ladder_budget()
+    k = a.selection.scale(budget)
+    return law.predict(grid, d if law.use_tokens else None, k)
+
+
 def plot_law(a: Analysis, path: str) -> None:
     """Collapse point vs model size in log-log: located points with CI bars, bounds as
-    arrows, the fitted law with its bootstrap band (one line per budget when the law has a
-    D term), the held-out prediction for the largest size, and the prediction."""
-    law = a.law
+    arrows, every credible form with its bootstrap band (the selected one solid, one line
+    per budget when it has a D term), the paper's power law dashed when it is not credible,
+    the held-out prediction of the selected form, the validation and the prediction."""
+    sel = a.selection
     fig = Figure(figsize=(6.4, 4.8), layout="constrained")
     ax = fig.subplots()
     sizes = [p.model_params for p in a.points]
     n_hi = max(sizes + ([a.prediction["model_params"]] if a.prediction else [])
                + ([a.validation["model_params"]] if a.validation else []))
     grid = np.geomspace(min(sizes) / 1.5, n_hi * 1.5, 100)
+    law = sel.law
     budgets = sorted({p.tokens for p in law.points}) if law.use_tokens else [None]
-    if law.use_tokens and a.prediction and a.prediction["tokens"] not in budgets:
-        budgets.append(a.prediction["tokens"])
     color = _colors(budgets) if law.use_tokens else {None: "C0"}
-    for d in budgets:
-        pred, lo, hi = law.predict(grid, d)
-        label = law.form() if d is None else f"law at D={d:.3g}"
-        ax.plot(grid, pred, "-", color=color[d], label=label)
-        ax.fill_between(grid, lo, hi, color=color[d], alpha=0.2, lw=0)
+    shown = list(sel.credible) + ([] if "power" in sel.credible else ["power"])
+    for j, name in enumerate(shown):
+        for d in budgets:
+            pred, lo, hi = _form_band(a, name, grid, d)
+            style = "-" if name == sel.selected else ("--" if name in sel.credible else ":")
+            label = f"{name}{' (selected)' if name == sel.selected else ''}" + (f" at D={d:.3g}" if d else "")
+            col = color[d] if name == sel.selected else f"C{j + 3}"
+            ax.plot(grid, pred, style, color=col, label=label)
+            if name in sel.credible:
+                ax.fill_between(grid, lo, hi, color=col, alpha=0.15, lw=0)
     labelled = False
     for p in a.points:
         col = color[p.tokens] if law.use_tokens and p.tokens in color else "k"
@@ -107,10 +120,11 @@ def plot_law(a: Analysis, path: str) -> None:
             ax.plot([p.model_params], [p.lower_bound], "^", color=col, mfc="none", ms=9)
         elif p.upper_bound is not None:
             ax.plot([p.model_params], [p.upper_bound], "v", color=col, mfc="none", ms=9)
-    if a.heldout.get("possible"):
-        for i, h in enumerate(a.heldout["points"]):
-            x = h["model_params"] * 1.06  # nudged right so it does not hide the data point
-            y, (lo, hi) = h["predicted"], h["interval"]
+    h = sel.fits[sel.selected].heldout
+    if h.get("possible"):
+        for i, c in enumerate(h["points"]):
+            x = c["model_params"] * 1.06  # nudged right so it does not hide the data point
+            y, (lo, hi) = c["predicted"], c["interval"]
             ax.errorbar([x], [y], yerr=_bar(y, lo, hi), fmt="s", color="C3", mfc="none",
                         capsize=3, label="held-out prediction" if i == 0 else None)
     if a.prediction:
@@ -133,8 +147,49 @@ def plot_law(a: Analysis, path: str) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("model parameters N")
     ax.set_ylabel(f"collapse infusion ({a.infusion_kind})")
-    ax.set_title(f"b = {law.exponent:.3g}  [{law.coef_ci(1)[0]:.3g}, {law.coef_ci(1)[1]:.3g}]",
-                 fontsize=10)
+    ax.set_title(f"selected: {sel.selected}; paper's power law b = {a.law.exponent:.3g} "
+                 f"[{a.law.coef_ci(1)[0]:.3g}, {a.law.coef_ci(1)[1]:.3g}]", fontsize=9)
+    ax.legend(fontsize=7)
+    _save(fig, path)
+
+
+def plot_exposures(a: Analysis, path: str) -> None:
+    """Exposures per fact at the collapse point against N (log-log) with their intervals, the
+    credible forms' E*(N) with bands, and the validation's measured E*: where the points stop
+    falling, the paper's law no longer extrapolates."""
+    sel, acc = a.selection, a.accounting
+    fig = Figure(figsize=(6.4, 4.6), layout="constrained")
+    ax = fig.subplots()
+    ex = a.regime["exposures_at_collapse"]
+    budgets = sorted({e["tokens"] for e in ex})
+    color = _colors(budgets)
+    n_hi = max([e["model_params"] for e in ex] + ([a.validation["model_params"]] if a.validation else []))
+    grid = np.geomspace(min(e["model_params"] for e in ex) / 1.5, n_hi * 1.5, 100)
+    for j, name in enumerate(sel.credible):
+        for d in budgets:
+            k = acc.scale_for(d)
+            pred, lo, hi = _form_band(a, name, grid, d)
+            style = "-" if name == sel.selected else "--"
+            ax.plot(grid, k / pred, style, color=f"C{j}", label=f"{name}" + (f" at D={d:.3g}" if len(budgets) > 1 else ""))
+            ax.fill_between(grid, k / hi, k / lo, color=f"C{j}", alpha=0.15, lw=0)
+    for e in ex:
+        y, (lo, hi) = e["exposures"], e["interval"]
+        ax.errorbar([e["model_params"]], [y], yerr=_bar(y, lo, hi), fmt="o", color=color[e["tokens"]],
+                    mec="k", capsize=3)
+    v = a.validation
+    if v and v.get("measured") is not None and a.accounting is not None:
+        k = acc.scale_for(v["tokens"])
+        lo, hi = v["measured_ci"]
+        ax.errorbar([v["model_params"]], [k / v["measured"]], yerr=_bar(k / v["measured"], k / hi, k / lo),
+                    fmt="D", color="C2", mec="k", capsize=3, label="validation: measured")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("model parameters N")
+    ax.set_ylabel("exposures per fact at collapse, E* = R / CP")
+    t = a.regime.get("top_slope", {})
+    title = (f"top of the ladder: E* ~ N^{t['slope']:.2f} [{t['interval'][0]:.2f}, {t['interval'][1]:.2f}]"
+             if t.get("possible") else "exposures at collapse")
+    ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
     _save(fig, path)
 

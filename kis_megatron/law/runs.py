@@ -257,6 +257,9 @@ def read_run(run_dir: str, all_evals: bool = False) -> tuple[list[dict], str | N
                 "and no training line has tokens_total"
             )
         exposures = _exposures(last_train)
+        domain_tokens = last_train.get("tokens_domain")
+        if not _finite(domain_tokens):
+            domain_tokens = None
         for key, raw in sorted(evals[step].items()):
             value = _metric_value(key, raw)
             if value is None:
@@ -271,6 +274,7 @@ def read_run(run_dir: str, all_evals: bool = False) -> tuple[list[dict], str | N
                 "run_id": info.get("run_id") or os.path.basename(os.path.normpath(run_dir)),
                 "step": step,
                 **exposures,
+                "domain_tokens": domain_tokens,
                 "infusion_kind": inf.get("kind") or "unspecified",
                 "seed": seed,
             })

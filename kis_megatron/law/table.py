@@ -6,7 +6,9 @@ The five columns ``model_params, tokens, infusion, metric, value`` are all that 
 needs, so tables written by other frameworks work too; ``run_id``, ``step``, ``exposures``
 (mean exposures per domain fact), ``infusion_kind`` (which knob the study varied) and
 ``seed`` are provenance; ``n_probes`` (how many probes an accuracy was scored on) lets the
-joint fit model each measurement's binomial noise.
+joint fit model each measurement's binomial noise; ``exposures`` with ``domain_tokens`` (the
+run's domain tokens, over the whole run) are the exposure accounting of the exposure forms
+(forms.py, exposure.py).
 
 ``tokens`` is the run's token budget, not the tokens seen so far in a noisy count: runs of
 one budget must carry the same value, because collapse curves are grouped by
@@ -27,8 +29,10 @@ from kis_megatron.errors import KisError
 from kis_megatron.utils import atomic_write_bytes, atomic_write_text
 
 REQUIRED_COLUMNS = ("model_params", "tokens", "infusion", "metric", "value")
-COLUMNS = REQUIRED_COLUMNS + ("run_id", "step", "exposures", "infusion_kind", "seed", "n_probes")
-_NUMERIC = {"model_params", "tokens", "infusion", "value", "step", "exposures", "seed", "n_probes"}
+COLUMNS = REQUIRED_COLUMNS + ("run_id", "step", "exposures", "infusion_kind", "seed", "n_probes",
+                              "domain_tokens")
+_NUMERIC = {"model_params", "tokens", "infusion", "value", "step", "exposures", "seed", "n_probes",
+            "domain_tokens"}
 
 
 class LawInputError(KisError, ValueError):
@@ -47,6 +51,8 @@ class Curve:
     value: np.ndarray  # (n,)
     n_probes: np.ndarray | None = None  # (n,) probes behind each value, when known
     exposures: np.ndarray | None = None  # (n,) mean exposures per domain fact, when logged
+    domain_tokens: np.ndarray | None = None  # (n,) domain tokens each run trained on, when logged
+    seeds: np.ndarray | None = None  # (n,) each run's training seed, when known
 
     def exposures_at(self, infusion: float) -> float | None:
         """Mean exposures per fact at ``infusion``, interpolated in log-log between the
@@ -165,6 +171,14 @@ def _row_ids(idx) -> str:
     return shown + (f" and {len(idx) - 5} more" if len(idx) > 5 else "")
 
 
+def _column(rows: list[dict], name: str) -> np.ndarray:
+    return np.array([np.nan if r.get(name) is None else r[name] for r in rows], dtype=float)
+
+
+def _positive(v: np.ndarray) -> bool:
+    return bool(np.all(np.isfinite(v) & (v > 0)))
+
+
 def select_curves(
     rows: list[dict], metric: str, infusion_kind: str | None = None, min_sizes: int = 2
 ) -> tuple[list[Curve], str]:
@@ -233,11 +247,14 @@ def select_curves(
         x = np.array([r["infusion"] for r in rs], dtype=float)
         y = np.array([r["value"] for r in rs], dtype=float)
         k = np.array([np.nan if r.get("n_probes") is None else r["n_probes"] for r in rs], dtype=float)
-        e = np.array([np.nan if r.get("exposures") is None else r["exposures"] for r in rs], dtype=float)
+        e = _column(rs, "exposures")
+        t = _column(rs, "domain_tokens")
+        sd = _column(rs, "seed")
         order = np.argsort(x, kind="stable")
         known = bool(np.all(np.isfinite(k) & (k >= 1)))
-        logged = bool(np.all(np.isfinite(e) & (e > 0)))
-        c = Curve(n, d, x[order], y[order], k[order] if known else None, e[order] if logged else None)
+        c = Curve(n, d, x[order], y[order], k[order] if known else None,
+                  e[order] if _positive(e) else None, t[order] if _positive(t) else None,
+                  sd[order] if bool(np.all(np.isfinite(sd))) else None)
         if np.unique(c.infusion).size < 4:
             raise LawInputError(
                 f"{c.label} has {np.unique(c.infusion).size} distinct infusion level(s); "

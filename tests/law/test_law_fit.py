@@ -36,7 +36,7 @@ def test_exact_power_law_is_recovered():
 def test_exact_law_with_token_budget_is_recovered():
     pts = [point(n, d, 4e-5 * n**0.3 * d**0.15) for n in (1e6, 1e7, 1e8) for d in (1e9, 1e10)]
     law = fit_law(pts)
-    assert law.use_tokens and law.form() == "CP = a * N^b * D^c"
+    assert law.use_tokens and law.form_text() == "CP = a * N^b * D^c"
     assert law.exponent == pytest.approx(0.3, abs=1e-10)
     assert law.tokens_exponent == pytest.approx(0.15, abs=1e-10)
     assert law.coefficient == pytest.approx(4e-5, rel=1e-8)

@@ -11,7 +11,7 @@ import pytest
 from kis_megatron.law.analysis import Options, analyze
 from kis_megatron.law.collapse import COLLAPSE, detect_collapse
 from kis_megatron.law.joint import fit_law_joint
-from kis_megatron.law.report import write_outputs
+from kis_megatron.law.outputs import write_outputs
 from kis_megatron.law.table import Curve, LawInputError, select_curves
 
 SIZES = (1e6, 3e6, 1e7, 3e7)
