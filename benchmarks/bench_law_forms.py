@@ -3,8 +3,8 @@ kis_megatron/law/select.py picks the true form, and how often the 95% prediction
 (spanning the credible forms) covers the true collapse point of a held-out size 2x the
 largest, in each regime.
 
-    python benchmarks/bench_law_forms.py --draws 100                  # the tables in RESULTS.md
-    python benchmarks/bench_law_forms.py --draws 100 --curve-sd 0
+    python benchmarks/bench_law_forms.py --draws 50                   # the tables in RESULTS.md
+    python benchmarks/bench_law_forms.py --draws 50 --curve-sd 0
     python benchmarks/bench_law_forms.py --draws 30 --first 0         # development draws
 
 Regimes (kis_megatron/law/simulate.py, FORM_REGIMES; the tiny ladder's 4 sizes, R = 12,100
@@ -19,7 +19,7 @@ run-to-run noise of 0.1 on the logit (the tiny ladder's curves show less than 0.
 their probes), and a seed's shift of each whole curve's collapse point, 0.07 decades by
 default (sd; the tiny ladder's d192 collapsed at 511 and about 650 facts for two seeds, 0.10
 decades apart); --curve-sd 0 leaves it out.  The rule was developed on draws 0-29 (--first 0);
-the recorded tables are draws 1000-1099.
+the recorded tables are draws 1000-1049.
 """
 
 from __future__ import annotations
