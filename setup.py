@@ -19,7 +19,7 @@ setup(
     description="Megatron-style LLM pretraining with Triton kernels, built to measure and "
     "predict the knowledge infusion scaling law (arXiv 2509.19371).",
     python_requires=">=3.10",
-    packages=find_packages(include=["kis_megatron", "kis_megatron.*", "kernels", "kernels.*"]),
+    packages=find_packages(include=["kis_megatron", "kis_megatron.*", "kis_kernels", "kis_kernels.*"]),
     install_requires=[
         "torch>=2.10,<3",
         "numpy>=1.24",

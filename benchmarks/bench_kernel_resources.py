@@ -7,7 +7,7 @@ a GPU, at the launch configurations the launchers choose for the shipped presets
 
 Presets 125m-7b, vocabularies 32000 and 128256, tensor-parallel sizes 1, 2, 4, 8 where they
 split the model evenly, data in bf16 and fp32, targets sm_80, sm_90 and sm_100
-(``kernels.aot``: compile through Triton and its ptxas, resources read from the cubin,
+(``kis_kernels.aot``: compile through Triton and its ptxas, resources read from the cubin,
 results cached). Launches that compile to the same code are compiled once.
 Run it with ``TRITON_INTERPRET`` unset: the interpreter cannot compile.
 """
@@ -24,7 +24,7 @@ from pathlib import Path
 if __name__ == "__main__":  # scripts get their folder first on sys.path; the repo comes first
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from kernels.aot import TARGETS, compile_launch, cuda_compiler_available, op_launches, problems  # noqa: E402
+from kis_kernels.aot import TARGETS, compile_launch, cuda_compiler_available, op_launches, problems  # noqa: E402
 from kis_megatron.model.presets import kernel_shapes  # noqa: E402
 
 DTYPES = ("bf16", "fp32")

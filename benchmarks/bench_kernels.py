@@ -34,7 +34,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-import kernels
+import kis_kernels
 
 GPU_SHAPES = {
     "tokens": 8192,  # batch 2 x seq 4096
@@ -105,11 +105,11 @@ def build_cases(device: str, dtype: torch.dtype, shapes: dict, use_compile: bool
     for H in shapes["rms_hidden"]:
         x, w = rand(T, H), rand(H, scale=0.1) + 1.0
         impls = {
-            "ours": partial(_impl, kernels.rms_norm, x, w),
-            "torch eager": partial(_impl, kernels.rms_norm_reference, x, w),
+            "ours": partial(_impl, kis_kernels.rms_norm, x, w),
+            "torch eager": partial(_impl, kis_kernels.rms_norm_reference, x, w),
         }
         if use_compile:
-            impls["torch.compile"] = partial(_impl, compile_(kernels.rms_norm_reference), x, w)
+            impls["torch.compile"] = partial(_impl, compile_(kis_kernels.rms_norm_reference), x, w)
         if liger is not None:
             impls["liger"] = partial(_impl, lambda a, b: liger.liger_rms_norm(a, b, 1e-6), x, w)
         if apex_norm is not None:
@@ -121,7 +121,7 @@ def build_cases(device: str, dtype: torch.dtype, shapes: dict, use_compile: bool
                 return [a, mod.weight], lambda: mod(a)
             impls["apex"] = apex_impl
         cases.append(Case("rms_norm", f"{T}x{H}", impls,
-                          partial(kernels.rms_norm_reference, x.float(), w.float()),
+                          partial(kis_kernels.rms_norm_reference, x.float(), w.float()),
                           bytes_moved=5 * T * H * el))
 
     B, S, HQ, HKV, D = shapes["rope"]
@@ -133,11 +133,11 @@ def build_cases(device: str, dtype: torch.dtype, shapes: dict, use_compile: bool
         return lambda a, b: (fn(a, cos, sin), fn(b, cos, sin))
 
     impls = {
-        "ours": partial(_impl, q_and_k(kernels.rope), q, k),
-        "torch eager": partial(_impl, q_and_k(kernels.rope_reference), q, k),
+        "ours": partial(_impl, q_and_k(kis_kernels.rope), q, k),
+        "torch eager": partial(_impl, q_and_k(kis_kernels.rope_reference), q, k),
     }
     if use_compile:
-        impls["torch.compile"] = partial(_impl, q_and_k(compile_(kernels.rope_reference)), q, k)
+        impls["torch.compile"] = partial(_impl, q_and_k(compile_(kis_kernels.rope_reference)), q, k)
     if liger is not None:
         # Liger takes (batch, heads, seq, head_dim) and full-width cos/sin (1, seq, head_dim);
         # its outputs are transposed back so the check compares like with like.
@@ -151,21 +151,21 @@ def build_cases(device: str, dtype: torch.dtype, shapes: dict, use_compile: bool
         impls["liger"] = partial(_impl, liger_rope, q.transpose(1, 2).contiguous(), k.transpose(1, 2).contiguous())
     n = B * S * (HQ + HKV) * D
     cases.append(Case("rope q+k", f"{B}x{S}x({HQ}+{HKV})x{D}", impls,
-                      lambda: (kernels.rope_reference(q.float(), cos, sin), kernels.rope_reference(k.float(), cos, sin)),
+                      lambda: (kis_kernels.rope_reference(q.float(), cos, sin), kis_kernels.rope_reference(k.float(), cos, sin)),
                       bytes_moved=4 * n * el))
 
     inter = shapes["swiglu_inter"]
     g, u = rand(T, inter, scale=2.0), rand(T, inter)
     impls = {
-        "ours": partial(_impl, kernels.swiglu, g, u),
+        "ours": partial(_impl, kis_kernels.swiglu, g, u),
         "torch eager": partial(_impl, lambda a, b: F.silu(a) * b, g, u),
     }
     if use_compile:
-        impls["torch.compile"] = partial(_impl, compile_(kernels.swiglu_reference), g, u)
+        impls["torch.compile"] = partial(_impl, compile_(kis_kernels.swiglu_reference), g, u)
     if liger is not None:
         impls["liger"] = partial(_impl, liger.liger_swiglu, g, u)
     cases.append(Case("swiglu", f"{T}x{inter}", impls,
-                      partial(kernels.swiglu_reference, g.float(), u.float()),
+                      partial(kis_kernels.swiglu_reference, g.float(), u.float()),
                       bytes_moved=8 * T * inter * el))
 
     Hc = shapes["ce_hidden"]
@@ -179,17 +179,17 @@ def build_cases(device: str, dtype: torch.dtype, shapes: dict, use_compile: bool
             return lambda a, b: fn(a, b, tgt)
 
         impls = {
-            "ours": partial(_impl, with_target(kernels.linear_cross_entropy), hid, wt),
-            "torch eager (full logits)": partial(_impl, with_target(kernels.linear_cross_entropy_naive), hid, wt),
-            "torch chunked reference": partial(_impl, with_target(kernels.linear_cross_entropy_reference), hid, wt),
+            "ours": partial(_impl, with_target(kis_kernels.linear_cross_entropy), hid, wt),
+            "torch eager (full logits)": partial(_impl, with_target(kis_kernels.linear_cross_entropy_naive), hid, wt),
+            "torch chunked reference": partial(_impl, with_target(kis_kernels.linear_cross_entropy_reference), hid, wt),
         }
         if use_compile:
             impls["torch.compile (full logits)"] = partial(
-                _impl, with_target(compile_(kernels.linear_cross_entropy_naive)), hid, wt)
+                _impl, with_target(compile_(kis_kernels.linear_cross_entropy_naive)), hid, wt)
         if liger is not None:
             impls["liger"] = partial(_impl, with_target(liger.liger_fused_linear_cross_entropy), hid, wt)
         cases.append(Case("linear_cross_entropy", f"{T}x{Hc}, V={V}", impls,
-                          partial(kernels.linear_cross_entropy_reference, hid.float(), wt.float(), tgt),
+                          partial(kis_kernels.linear_cross_entropy_reference, hid.float(), wt.float(), tgt),
                           flops=6.0 * T * Hc * V))
     return cases
 
@@ -353,7 +353,7 @@ def main(argv=None) -> int:
 
     bw = copy_bandwidth(args.device, timer)
     probe = torch.empty(1, device=args.device)
-    ours = "triton" if kernels.use_triton(probe) else "torch reference"
+    ours = "triton" if kis_kernels.use_triton(probe) else "torch reference"
     device_name = torch.cuda.get_device_name() if on_gpu else platform.processor() or "cpu"
     header = [
         f"## {datetime.datetime.now().isoformat(timespec='seconds')} on {device_name}",

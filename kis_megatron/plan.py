@@ -45,7 +45,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.ops.linear_cross_entropy import default_chunk_rows
+from kis_kernels.ops.linear_cross_entropy import default_chunk_rows
 from kis_megatron.config import Config, ConfigError
 from kis_megatron.model.llama import ModelDims, Transformer, llama_ffn_dim, model_sizes
 from kis_megatron.parallel.pipeline import PipelineLayout, check_microbatches

@@ -33,7 +33,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from kernels.dispatch import KernelBackendError
+from kis_kernels.dispatch import KernelBackendError
 from kis_megatron.config import (RESUMABLE_KEYS, Config, ConfigError, load_config, resume_conflicts,
                                   save_config)
 from kis_megatron.data.stream import TrainStream, build_train_stream, build_validation_windows

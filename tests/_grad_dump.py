@@ -6,8 +6,8 @@ name: tensor-parallel shards all-gathered, each pipeline stage adding the parame
 import sys
 from pathlib import Path
 
-if __name__ == "__main__":  # run as a script, tests/ comes first and its kernels/ would
-    sys.path[0] = str(Path(__file__).resolve().parents[1])  # shadow the `kernels` package
+if __name__ == "__main__":  # run as a script: the repository, not tests/, first on sys.path
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import torch  # noqa: E402
 

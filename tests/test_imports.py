@@ -1,4 +1,4 @@
-"""Imports point one way: tools -> kis_megatron -> kernels, with no cycle inside.
+"""Imports point one way: tools -> kis_megatron -> kis_kernels, with no cycle inside.
 
 Statically (the import statements of every file, at any depth, lazy ones included) and at
 run time (every module imported on its own, in a process whose project modules are cleared
@@ -12,7 +12,7 @@ from pathlib import Path
 
 from _corpus import ROOT
 
-PACKAGES = ("kis_megatron", "kernels")
+PACKAGES = ("kis_megatron", "kis_kernels")
 
 
 def module_name(path: Path) -> str:
@@ -51,7 +51,7 @@ def project_graph() -> dict[str, set[str]]:
 def test_nothing_imports_the_trainer_and_dependencies_point_one_way():
     for name, deps in project_graph().items():
         assert "kis_megatron.train" not in deps, f"{name} imports kis_megatron.train"
-        if name.startswith("kernels"):
+        if name.startswith("kis_kernels"):
             assert not any(d.startswith("kis_megatron") for d in deps), f"{name} imports {deps}"
     for package in PACKAGES:
         for path in (ROOT / package).rglob("*.py"):
@@ -84,7 +84,7 @@ _CHILD = """
 import importlib, json, sys, traceback
 results = {}
 for name in json.loads(sys.argv[1]):
-    for loaded in [m for m in sys.modules if m.split(".")[0] in ("kis_megatron", "kernels")]:
+    for loaded in [m for m in sys.modules if m.split(".")[0] in ("kis_megatron", "kis_kernels")]:
         del sys.modules[loaded]
     try:
         importlib.import_module(name)

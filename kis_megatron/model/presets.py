@@ -22,7 +22,7 @@ def kernel_shapes(presets=("125m", "350m", "760m", "1.3b", "3b", "7b"), vocabs=(
     """The per-rank sizes the kernels see for each shipped GPU preset, vocabulary and
     tensor-parallel size that splits it evenly: hidden size (norms), heads of q and k per
     rank and head dim (RoPE), vocabulary shard (the LM-head loss). For
-    ``kernels.aot.op_launches``; duplicates removed."""
+    ``kis_kernels.aot.op_launches``; duplicates removed."""
     out = []
     for name in presets:
         p = PRESETS[name]

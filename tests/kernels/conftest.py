@@ -2,7 +2,7 @@
 
 TRITON_INTERPRET=1 must be in the environment before triton is first imported (triton
 builds its standard library compiled or interpreted at import), so it is set here, at
-import. It changes nothing for other test folders: ``kernels`` only uses triton when
+import. It changes nothing for other test folders: ``kis_kernels`` only uses triton when
 KIS_KERNELS=triton or the tensors are on CUDA, and never imports it otherwise. The
 backend itself is chosen per test with monkeypatch (``KIS_KERNELS`` is read per call),
 so nothing leaks out of these tests.
@@ -25,7 +25,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from kernels._triton import import_triton, interpreter_active  # noqa: E402
+from kis_kernels._triton import import_triton, interpreter_active  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 _RESULTS_ENV = "KIS_KERNELS_TEST_RESULTS"  # set in the child process: where to log outcomes

@@ -1,10 +1,10 @@
 """Every kernel compiles for sm_80, sm_90 and sm_100 at the launch configurations its
 launcher chooses for the shipped presets (125m-7b, vocabularies 32k and 128k, tp 1-8,
 bf16 and fp32), with no spills, registers within the register file and shared memory
-within the target's limit. Triton's real compiler and ptxas, no GPU (``kernels.aot``).
+within the target's limit. Triton's real compiler and ptxas, no GPU (``kis_kernels.aot``).
 
 The compile runs in a child process without ``TRITON_INTERPRET`` (this folder's conftest
-sets it, and the interpreter cannot compile). Results are cached (``kernels.aot.cache_dir``):
+sets it, and the interpreter cannot compile). Results are cached (``kis_kernels.aot.cache_dir``):
 450 compiles, ~40-75 s cold on 2 cores, ~2 s warm."""
 
 import importlib
@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 
-from kernels import aot
+from kis_kernels import aot
 
 pytestmark = [pytest.mark.slow]  # Triton's compiler and ptxas: ~40-75 s cold
 
@@ -56,7 +56,7 @@ def test_every_kernel_compiles_for_every_target_without_spills(compiled):
 
 def test_spills_and_limits_are_detected():
     """The checker is not vacuous: a register cap forces spills, which it reports."""
-    code = ("from kernels import aot\n"
+    code = ("from kis_kernels import aot\n"
             "l = [l for l in aot.op_launches(4096, 32, 32, 128, 4000, 'fp32')"
             " if l.kernel == '_rms_norm_backward_kernel'][0]\n"
             "print(aot.cuda_compiler_available() or aot.problems(aot.compile_launch(l, 90, maxnreg=32), 90))")
@@ -91,10 +91,10 @@ def _kind(value):
 
 
 def test_launch_descriptions_match_what_the_launchers_pass(monkeypatch):
-    """kernels.aot describes each launch (argument names and types, constants, num_warps);
+    """kis_kernels.aot describes each launch (argument names and types, constants, num_warps);
     the real launchers, run with the kernels replaced by recorders, pass exactly that."""
     dim, heads, head_dim, vocab, rows = 768, 12, 64, 4000, 63
-    modules = {n: importlib.import_module(f"kernels.ops.{n}")
+    modules = {n: importlib.import_module(f"kis_kernels.ops.{n}")
                for n in ("rms_norm", "rope", "swiglu", "linear_cross_entropy")}
     calls = {}
     for name, module in modules.items():

@@ -9,8 +9,8 @@ import textwrap
 import pytest
 import torch
 
-import kernels
-from kernels.dispatch import KernelBackendError, use_triton
+import kis_kernels
+from kis_kernels.dispatch import KernelBackendError, use_triton
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -28,24 +28,24 @@ def _run_python(code, env_updates, timeout=300):
 def test_mode_is_read_per_call(monkeypatch):
     x = torch.randn(2, 3)
     monkeypatch.delenv("KIS_KERNELS", raising=False)
-    assert kernels.kernel_mode() == "auto" and not use_triton(x)  # CPU default: reference
+    assert kis_kernels.kernel_mode() == "auto" and not use_triton(x)  # CPU default: reference
     monkeypatch.setenv("KIS_KERNELS", "torch")
     assert not use_triton(x)
     monkeypatch.setenv("KIS_KERNELS", "Auto ")
-    assert kernels.kernel_mode() == "auto"
+    assert kis_kernels.kernel_mode() == "auto"
 
 
 def test_bad_mode_names_the_variable(monkeypatch):
     monkeypatch.setenv("KIS_KERNELS", "cuda")
     with pytest.raises(ValueError, match="KIS_KERNELS='cuda' is not valid"):
-        kernels.rms_norm(torch.randn(2, 4), torch.ones(4))
+        kis_kernels.rms_norm(torch.randn(2, 4), torch.ones(4))
 
 
 def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("KIS_KERNELS", "triton")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(KernelBackendError, match="TRITON_INTERPRET=1"):
-        kernels.swiglu(torch.randn(3), torch.randn(3))
+        kis_kernels.swiglu(torch.randn(3), torch.randn(3))
 
 
 def test_torch_mode_never_launches_triton(monkeypatch):
@@ -55,11 +55,11 @@ def test_torch_mode_never_launches_triton(monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("the Triton path was taken")
 
-    from kernels.ops.rms_norm import RMSNormFunction
+    from kis_kernels.ops.rms_norm import RMSNormFunction
 
     monkeypatch.setattr(RMSNormFunction, "apply", boom)
     x, w = torch.randn(3, 8), torch.randn(8)
-    assert torch.equal(kernels.rms_norm(x, w), kernels.rms_norm_reference(x, w))
+    assert torch.equal(kis_kernels.rms_norm(x, w), kis_kernels.rms_norm_reference(x, w))
 
 
 def test_cpu_default_never_imports_triton_and_works_without_it():
@@ -78,20 +78,20 @@ def test_cpu_default_never_imports_triton_and_works_without_it():
                 return None
 
         sys.meta_path.insert(0, NoTriton())
-        import os, torch, kernels
+        import os, torch, kis_kernels
         h = torch.randn(6, 8, requires_grad=True)
         w = torch.randn(8, requires_grad=True)
-        y = kernels.rms_norm(h, w)
-        y = kernels.swiglu(y, y)
-        q = kernels.rope(y.view(1, 6, 2, 4), torch.randn(6, 2), torch.randn(6, 2))
-        loss = kernels.linear_cross_entropy(q.reshape(6, 8), torch.randn(11, 8), torch.arange(6))
+        y = kis_kernels.rms_norm(h, w)
+        y = kis_kernels.swiglu(y, y)
+        q = kis_kernels.rope(y.view(1, 6, 2, 4), torch.randn(6, 2), torch.randn(6, 2))
+        loss = kis_kernels.linear_cross_entropy(q.reshape(6, 8), torch.randn(11, 8), torch.arange(6))
         loss.backward()
         assert torch.isfinite(h.grad).all() and h.grad.abs().sum() > 0
         assert attempts == [], attempts
         os.environ["KIS_KERNELS"] = "triton"
         try:
-            kernels.swiglu(torch.randn(3), torch.randn(3))
-        except kernels.KernelBackendError as e:
+            kis_kernels.swiglu(torch.randn(3), torch.randn(3))
+        except kis_kernels.KernelBackendError as e:
             print("ERROR:", e)
         """
     res = _run_python(code, {"TRITON_INTERPRET": "1"})

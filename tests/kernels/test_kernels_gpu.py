@@ -20,8 +20,8 @@ import os
 import pytest
 import torch
 
-import kernels
-from kernels._triton import interpreter_active
+import kis_kernels
+from kis_kernels._triton import interpreter_active
 
 pytestmark = [pytest.mark.slow]  # on CPU: the Triton kernels through the interpreter
 
@@ -86,7 +86,7 @@ def test_rms_norm(target):
         w = torch.rand(hidden, device=device, generator=g) + 0.5
         dy = torch.randn(shape["tokens"], hidden, device=device, generator=g).to(dtype)
         (x, w), (x64, w64) = leaves(x, w, dtype=dtype)
-        y, y64 = kernels.rms_norm(x, w, 1e-5), kernels.rms_norm_reference(x64, w64, 1e-5)
+        y, y64 = kis_kernels.rms_norm(x, w, 1e-5), kis_kernels.rms_norm_reference(x64, w64, 1e-5)
         (y * dy).float().sum().backward()
         (y64 * dy.double()).sum().backward()
         check(f"rms_norm[{hidden}]", {"y": (y, y64), "dx": (x.grad, x64.grad), "dweight": (w.grad, w64.grad)},
@@ -103,7 +103,7 @@ def test_rope(target):
         x = torch.randn(batch, seq, n, head_dim, device=device, generator=g)
         dy = torch.randn(batch, seq, n, head_dim, device=device, generator=g).to(dtype)
         (x,), (x64,) = leaves(x, dtype=dtype)
-        y, y64 = kernels.rope(x, cos, sin), kernels.rope_reference(x64, cos.double(), sin.double())
+        y, y64 = kis_kernels.rope(x, cos, sin), kis_kernels.rope_reference(x64, cos.double(), sin.double())
         (y * dy).float().sum().backward()
         (y64 * dy.double()).sum().backward()
         check(f"rope[{n} heads]", {"y": (y, y64), "dx": (x.grad, x64.grad)}, dtype)
@@ -116,7 +116,7 @@ def test_swiglu(target):
     gate, up = (torch.randn(shape, device=device, generator=g) * 3 for _ in range(2))
     dy = torch.randn(shape, device=device, generator=g).to(dtype)
     (gate, up), (gate64, up64) = leaves(gate, up, dtype=dtype)
-    y, y64 = kernels.swiglu(gate, up), kernels.swiglu_reference(gate64, up64)
+    y, y64 = kis_kernels.swiglu(gate, up), kis_kernels.swiglu_reference(gate64, up64)
     (y * dy).float().sum().backward()
     (y64 * dy.double()).sum().backward()
     check("swiglu", {"y": (y, y64), "dgate": (gate.grad, gate64.grad), "dup": (up.grad, up64.grad)}, dtype)
@@ -132,8 +132,8 @@ def test_linear_cross_entropy(target):
         target_ids = torch.randint(0, vocab, (tokens,), device=device, generator=g)
         target_ids[::7] = -100  # ignored positions
         (h, w), (h64, w64) = leaves(h, w, dtype=dtype)
-        loss = kernels.linear_cross_entropy(h, w, target_ids)
-        loss64 = kernels.linear_cross_entropy_reference(h64, w64, target_ids)
+        loss = kis_kernels.linear_cross_entropy(h, w, target_ids)
+        loss64 = kis_kernels.linear_cross_entropy_reference(h64, w64, target_ids)
         loss.backward()
         loss64.backward()
         assert loss.dtype == torch.float32

@@ -8,9 +8,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import kernels
-from kernels._triton import import_triton
-from kernels.ops import linear_cross_entropy as LCE  # the module (kernels.linear_cross_entropy: the function)
+import kis_kernels
+from kis_kernels._triton import import_triton
+from kis_kernels.ops import linear_cross_entropy as LCE  # the module (kis_kernels.linear_cross_entropy: the function)
 
 TOL = 1e-5
 
@@ -25,11 +25,11 @@ def _problem(gen, n, h, v, ignore_index=-100, ignore_every=5):
 
 def _check_against_float64(hidden, weight, target, rel_err, *, grad_scale=1.0, **kw):
     h32, w32 = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
-    loss32 = kernels.linear_cross_entropy(h32, w32, target, **kw)
+    loss32 = kis_kernels.linear_cross_entropy(h32, w32, target, **kw)
     (loss32 * grad_scale).backward()
     ignore = kw.get("ignore_index", -100)
     h64, w64 = hidden.double().requires_grad_(True), weight.double().requires_grad_(True)
-    loss64 = kernels.linear_cross_entropy_naive(h64, w64, target, ignore_index=ignore)
+    loss64 = kis_kernels.linear_cross_entropy_naive(h64, w64, target, ignore_index=ignore)
     (loss64 * grad_scale).backward()
     assert loss32.dim() == 0 and loss32.dtype == torch.float32
     assert rel_err(loss32, loss64) < TOL
@@ -62,7 +62,7 @@ def test_linear_cross_entropy_all_ignored(backend, gen):
     hidden, weight, _ = _problem(gen, 9, 33, 257)
     target = torch.full((9,), -100)
     h, w = hidden.requires_grad_(True), weight.requires_grad_(True)
-    loss = kernels.linear_cross_entropy(h, w, target, chunk_size=4)
+    loss = kis_kernels.linear_cross_entropy(h, w, target, chunk_size=4)
     loss.backward()
     assert loss.item() == 0.0
     assert torch.isfinite(h.grad).all() and h.grad.abs().max().item() == 0.0
@@ -72,14 +72,14 @@ def test_linear_cross_entropy_all_ignored(backend, gen):
 def test_linear_cross_entropy_batched_and_no_grad(backend, rel_err, gen):
     """(batch, seq, H) hidden with (batch, seq) targets; under no_grad only the loss."""
     hidden, weight, target = _problem(gen, 24, 33, 257)
-    want = kernels.linear_cross_entropy_naive(hidden.double(), weight.double(), target)
+    want = kis_kernels.linear_cross_entropy_naive(hidden.double(), weight.double(), target)
     h3 = hidden.view(4, 6, 33).clone().requires_grad_(True)
-    loss = kernels.linear_cross_entropy(h3, weight, target.view(4, 6))
+    loss = kis_kernels.linear_cross_entropy(h3, weight, target.view(4, 6))
     loss.backward()
     assert h3.grad.shape == (4, 6, 33)
     assert rel_err(loss, want) < TOL
     with torch.no_grad():
-        loss_ng = kernels.linear_cross_entropy(hidden, weight, target)
+        loss_ng = kis_kernels.linear_cross_entropy(hidden, weight, target)
     assert loss_ng.grad_fn is None and rel_err(loss_ng, want) < TOL
 
 
@@ -87,11 +87,11 @@ def test_linear_cross_entropy_rejects_bad_targets(backend, gen):
     hidden, weight, target = _problem(gen, 6, 8, 11)
     target[2] = 11
     with pytest.raises(ValueError, match="outside the vocabulary"):
-        kernels.linear_cross_entropy(hidden, weight, target)
+        kis_kernels.linear_cross_entropy(hidden, weight, target)
     with pytest.raises(ValueError, match="target has shape"):
-        kernels.linear_cross_entropy(hidden, weight, target[:5])
+        kis_kernels.linear_cross_entropy(hidden, weight, target[:5])
     with pytest.raises(ValueError, match="weight has shape"):
-        kernels.linear_cross_entropy(hidden, weight[:, :7], target)
+        kis_kernels.linear_cross_entropy(hidden, weight[:, :7], target)
 
 
 def test_linear_cross_entropy_gradcheck_chunked_reference(gen):
@@ -102,7 +102,7 @@ def test_linear_cross_entropy_gradcheck_chunked_reference(gen):
     target[1] = -100
 
     def f(h, w):
-        return kernels.linear_cross_entropy_reference(h, w, target, chunk_size=3)
+        return kis_kernels.linear_cross_entropy_reference(h, w, target, chunk_size=3)
 
     assert torch.autograd.gradcheck(f, (hidden, weight))
 
@@ -117,7 +117,7 @@ def _vocab_parallel_worker(rank, world, init_file, backends, hidden, weight, tar
             os.environ["KIS_KERNELS"] = backend
             h = hidden.clone().requires_grad_(True)
             w = weight[rank * shard : (rank + 1) * shard].clone().requires_grad_(True)
-            loss = kernels.linear_cross_entropy(h, w, target, group=dist.group.WORLD, chunk_size=5)
+            loss = kis_kernels.linear_cross_entropy(h, w, target, group=dist.group.WORLD, chunk_size=5)
             (loss * 1.5).backward()
             grad_hidden = h.grad.clone()
             dist.all_reduce(grad_hidden)  # the caller's job, as documented
@@ -145,7 +145,7 @@ def test_linear_cross_entropy_vocab_parallel_two_ranks(tmp_path, rel_err, gen):
         nprocs=world,
     )
     h64, w64 = hidden.double().requires_grad_(True), weight.double().requires_grad_(True)
-    loss64 = kernels.linear_cross_entropy_naive(h64, w64, target)
+    loss64 = kis_kernels.linear_cross_entropy_naive(h64, w64, target)
     (loss64 * 1.5).backward()
     shard = weight.shape[0] // world
     for backend in backends:

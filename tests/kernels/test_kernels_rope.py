@@ -4,7 +4,7 @@ an independent complex-number formulation."""
 import pytest
 import torch
 
-import kernels
+import kis_kernels
 
 TOL = 1e-5
 
@@ -26,7 +26,7 @@ def _complex_rope(x, theta):
 def test_rope_reference_is_a_complex_rotation(rel_err, gen):
     x = torch.randn(2, 6, 3, 16, generator=gen, dtype=torch.float64)
     theta = _angles(6, 8, gen, offset=5)
-    got = kernels.rope_reference(x, theta.cos(), theta.sin())
+    got = kis_kernels.rope_reference(x, theta.cos(), theta.sin())
     assert rel_err(got, _complex_rope(x, theta)) < 1e-14
 
 
@@ -37,7 +37,7 @@ def test_rope_matches_float64(backend, shape, rel_err, gen):
     theta = _angles(s, d // 2, gen, offset=7)
     g = torch.randn(shape, generator=gen)
     x32 = x.clone().requires_grad_(True)
-    y32 = kernels.rope(x32, theta.cos().float(), theta.sin().float())
+    y32 = kis_kernels.rope(x32, theta.cos().float(), theta.sin().float())
     (y32 * g).sum().backward()
     x64 = x.double().requires_grad_(True)
     y64 = _complex_rope(x64, theta)
@@ -61,7 +61,7 @@ def test_rope_gqa_and_strided_views(backend, rel_err, gen):
     assert not q.is_contiguous()
     gq = torch.randn(b, s, 4, d, generator=gen)
     gk = torch.randn(b, s, 2, d, generator=gen)
-    yq, yk = kernels.rope(q, cos, sin), kernels.rope(k, cos, sin)
+    yq, yk = kis_kernels.rope(q, cos, sin), kis_kernels.rope(k, cos, sin)
     ((yq * gq).sum() + (yk * gk).sum()).backward()
     assert rel_err(yq, _complex_rope(qkv[:, :, :4].double(), theta)) < TOL
     assert rel_err(yk, _complex_rope(qkv[:, :, 4:6].double(), theta)) < TOL
@@ -73,14 +73,14 @@ def test_rope_gqa_and_strided_views(backend, rel_err, gen):
 def test_rope_gradcheck_reference(gen):
     x = torch.randn(1, 3, 2, 6, generator=gen, dtype=torch.float64, requires_grad=True)
     theta = _angles(3, 3, gen)
-    assert torch.autograd.gradcheck(lambda x: kernels.rope_reference(x, theta.cos(), theta.sin()), (x,))
+    assert torch.autograd.gradcheck(lambda x: kis_kernels.rope_reference(x, theta.cos(), theta.sin()), (x,))
 
 
 def test_rope_rejects_bad_shapes(backend):
     x = torch.randn(1, 4, 2, 8)
     with pytest.raises(ValueError, match="cos has shape"):
-        kernels.rope(x, torch.randn(4, 8), torch.randn(4, 4))
+        kis_kernels.rope(x, torch.randn(4, 8), torch.randn(4, 4))
     with pytest.raises(ValueError, match="head_dim must be even"):
-        kernels.rope(torch.randn(1, 4, 2, 7), torch.randn(4, 3), torch.randn(4, 3))
+        kis_kernels.rope(torch.randn(1, 4, 2, 7), torch.randn(4, 3), torch.randn(4, 3))
     with pytest.raises(ValueError, match="batch, seq, heads, head_dim"):
-        kernels.rope(torch.randn(4, 2, 8), torch.randn(4, 4), torch.randn(4, 4))
+        kis_kernels.rope(torch.randn(4, 2, 8), torch.randn(4, 4), torch.randn(4, 4))

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-import kernels
+import kis_kernels
 
 TOL = 1e-5
 
@@ -15,7 +15,7 @@ def test_swiglu_matches_float64(backend, shape, rel_err, gen):
     up = torch.randn(shape, generator=gen)
     g = torch.randn(shape, generator=gen)
     g32, u32 = gate.clone().requires_grad_(True), up.clone().requires_grad_(True)
-    y32 = kernels.swiglu(g32, u32)
+    y32 = kis_kernels.swiglu(g32, u32)
     (y32 * g).sum().backward()
     g64, u64 = gate.double().requires_grad_(True), up.double().requires_grad_(True)
     y64 = g64 * torch.sigmoid(g64) * u64  # the definition, independent of F.silu
@@ -29,9 +29,9 @@ def test_swiglu_matches_float64(backend, shape, rel_err, gen):
 def test_swiglu_gradcheck_reference(gen):
     gate = torch.randn(4, 5, generator=gen, dtype=torch.float64, requires_grad=True)
     up = torch.randn(4, 5, generator=gen, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(kernels.swiglu_reference, (gate, up))
+    assert torch.autograd.gradcheck(kis_kernels.swiglu_reference, (gate, up))
 
 
 def test_swiglu_rejects_mismatch(backend):
     with pytest.raises(ValueError, match="same shape and dtype"):
-        kernels.swiglu(torch.randn(3, 4), torch.randn(3, 5))
+        kis_kernels.swiglu(torch.randn(3, 4), torch.randn(3, 5))

@@ -151,7 +151,7 @@ def test_loss_and_gradients_match_float64(kernels):
 
 _TRITON_CHILD = """
 import sys, torch
-from kernels._triton import interpreter_active
+from kis_kernels._triton import interpreter_active
 from kis_megatron.config import ModelConfig
 from kis_megatron.model.llama import build_model
 assert interpreter_active(), "triton is not interpreted"

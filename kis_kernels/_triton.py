@@ -1,6 +1,6 @@
 """Lazy, optional Triton.
 
-Importing ``kernels`` never imports triton: the CPU default path runs the PyTorch
+Importing ``kis_kernels`` never imports triton: the CPU default path runs the PyTorch
 references and must work where triton is not installed. It also keeps the interpreter
 usable in a shared test process. Triton decides at *its own import* whether its standard
 library (``tl.sum``, ``tl.max``, ...) is compiled or interpreted (``TRITON_INTERPRET=1``),

@@ -18,10 +18,10 @@ from __future__ import annotations  # kernel annotations stay strings: triton lo
 
 import torch
 
-from kernels._triton import cdiv, lazy_jit, next_power_of_2
-from kernels.dispatch import use_triton
+from kis_kernels._triton import cdiv, lazy_jit, next_power_of_2
+from kis_kernels.dispatch import use_triton
 
-tl = None  # triton.language, bound by lazy_jit at the first launch (see kernels/_triton.py)
+tl = None  # triton.language, bound by lazy_jit at the first launch (see kis_kernels/_triton.py)
 
 _MAX_BLOCK = 65536  # one row per program: the whole row must fit one block
 
@@ -86,7 +86,7 @@ def _rows(t: torch.Tensor, n_cols: int) -> torch.Tensor:
 def rms_norm_launch_config(n_cols: int) -> dict:
     """BLOCK and num_warps of both kernels for rows of ``n_cols`` elements: the whole row
     in one block; more warps for longer rows (2-16 elements per thread up to 8192).
-    A pure function, so the ahead-of-time compile check (``kernels.aot``) builds exactly
+    A pure function, so the ahead-of-time compile check (``kis_kernels.aot``) builds exactly
     what the launchers launch."""
     block = next_power_of_2(n_cols)
     if block > _MAX_BLOCK:
@@ -177,7 +177,7 @@ def rms_norm_reference(x, weight, eps=1e-6):
 def rms_norm(x, weight, eps=1e-6):
     """RMSNorm over the last dimension of ``x`` (any leading shape), scaled by ``weight``;
     the result has x's dtype. Runs Triton or the PyTorch reference as
-    :mod:`kernels.dispatch` decides."""
+    :mod:`kis_kernels.dispatch` decides."""
     _check(x, weight)
     if use_triton(x, weight):
         return RMSNormFunction.apply(x, weight, eps)

@@ -17,7 +17,7 @@ import os
 
 import torch
 
-from kernels._triton import import_triton, interpret_requested, interpreter_active
+from kis_kernels._triton import import_triton, interpret_requested, interpreter_active
 
 ENV_VAR = "KIS_KERNELS"
 MODES = ("auto", "torch", "triton")

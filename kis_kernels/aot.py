@@ -23,7 +23,7 @@ each kernel exactly as its launcher would launch it and reads the binary's resou
 - :func:`problems` says what is wrong with a result: spills, too many registers for the
   block, shared memory past the target's opt-in limit.
 
-Imports triton only when called (``kernels`` never imports it eagerly). Used by
+Imports triton only when called (``kis_kernels`` never imports it eagerly). Used by
 ``tests/kernels/test_kernels_compile.py`` and ``benchmarks/bench_kernel_resources.py``.
 """
 
@@ -39,10 +39,10 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from kernels.ops.linear_cross_entropy import linear_cross_entropy_launch_config
-from kernels.ops.rms_norm import rms_norm_launch_config
-from kernels.ops.rope import rope_launch_config
-from kernels.ops.swiglu import swiglu_launch_config
+from kis_kernels.ops.linear_cross_entropy import linear_cross_entropy_launch_config
+from kis_kernels.ops.rms_norm import rms_norm_launch_config
+from kis_kernels.ops.rope import rope_launch_config
+from kis_kernels.ops.swiglu import swiglu_launch_config
 
 # Per-block limits of the targets (CUDA C Programming Guide, compute capabilities table):
 # max shared memory per block with opt-in, registers per block; 255 registers per thread.
@@ -67,7 +67,7 @@ class Launch:
     """One kernel launch configuration: which kernel, its runtime argument sample values
     (in the kernel's order), its compile-time constants and num_warps."""
 
-    op: str  # the op module under kernels/ops/, e.g. "rms_norm"
+    op: str  # the op module under kis_kernels/ops/, e.g. "rms_norm"
     kernel: str  # the kernel's name in that module, e.g. "_rms_norm_forward_kernel"
     dtype: str  # data dtype of the launch (for the tables)
     args: tuple  # ((name, Ptr | int | float), ...)
@@ -151,7 +151,7 @@ def _launches(dim, n_heads, n_kv_heads, head_dim, vocab_local, dtype, n) -> list
 
 
 def _jitted(launch: Launch):
-    module = importlib.import_module(f"kernels.ops.{launch.op}")
+    module = importlib.import_module(f"kis_kernels.ops.{launch.op}")
     return getattr(module, launch.kernel).jitted()
 
 
@@ -163,7 +163,7 @@ def _specialise(fn, launch: Launch) -> tuple[dict, dict, dict]:
     given = dict(launch.args) | dict(launch.constexprs)
     if sorted(given) != sorted(fn.arg_names):
         raise ValueError(f"{launch.kernel}: launch describes {sorted(given)}, the kernel takes "
-                         f"{fn.arg_names}: update kernels/aot.py with the kernel")
+                         f"{fn.arg_names}: update kis_kernels/aot.py with the kernel")
     consts = dict(launch.constexprs)
     signature, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):

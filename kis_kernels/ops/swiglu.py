@@ -14,17 +14,17 @@ from __future__ import annotations  # kernel annotations stay strings: triton lo
 import torch
 import torch.nn.functional as F
 
-from kernels._triton import cdiv, lazy_jit
-from kernels.dispatch import use_triton
+from kis_kernels._triton import cdiv, lazy_jit
+from kis_kernels.dispatch import use_triton
 
-tl = None  # triton.language, bound by lazy_jit at the first launch (see kernels/_triton.py)
+tl = None  # triton.language, bound by lazy_jit at the first launch (see kis_kernels/_triton.py)
 
 _BLOCK = 1024
 
 
 def swiglu_launch_config() -> dict:
     """BLOCK and num_warps of both kernels: 1024 elements per program whatever the shape
-    (elementwise; 8 per thread). A pure function (see ``kernels.aot``)."""
+    (elementwise; 8 per thread). A pure function (see ``kis_kernels.aot``)."""
     return {"BLOCK": _BLOCK, "num_warps": 4}
 
 
@@ -108,7 +108,7 @@ def swiglu_reference(gate, up):
 def swiglu(gate, up):
     """silu(gate) * up elementwise, for tensors of any (equal) shape.
 
-    Runs Triton or the PyTorch reference as :mod:`kernels.dispatch` decides.
+    Runs Triton or the PyTorch reference as :mod:`kis_kernels.dispatch` decides.
     """
     _check(gate, up)
     if use_triton(gate, up):

@@ -19,10 +19,10 @@ from __future__ import annotations  # kernel annotations stay strings: triton lo
 
 import torch
 
-from kernels._triton import lazy_jit, next_power_of_2
-from kernels.dispatch import use_triton
+from kis_kernels._triton import lazy_jit, next_power_of_2
+from kis_kernels.dispatch import use_triton
 
-tl = None  # triton.language, bound by lazy_jit at the first launch (see kernels/_triton.py)
+tl = None  # triton.language, bound by lazy_jit at the first launch (see kis_kernels/_triton.py)
 
 
 @lazy_jit
@@ -52,7 +52,7 @@ def _rope_kernel(
 
 def rope_launch_config(n_heads: int, head_dim: int) -> dict:
     """BLOCK_H, BLOCK_D and num_warps for one (batch, position) program over all heads: the
-    whole (heads x head_dim / 2) tile in one block. A pure function (see ``kernels.aot``)."""
+    whole (heads x head_dim / 2) tile in one block. A pure function (see ``kis_kernels.aot``)."""
     block_h, block_d = next_power_of_2(n_heads), next_power_of_2(head_dim // 2)
     return {"BLOCK_H": block_h, "BLOCK_D": block_d, "num_warps": 4 if block_h * block_d <= 4096 else 8}
 
@@ -132,7 +132,7 @@ def rope(x, cos, sin):
     """Rotate ``x`` (batch, seq, heads, head_dim) by the angles whose cos/sin are given
     per position, shape (seq, head_dim // 2): rotate-half convention, see module doc.
 
-    Runs Triton or the PyTorch reference as :mod:`kernels.dispatch` decides.
+    Runs Triton or the PyTorch reference as :mod:`kis_kernels.dispatch` decides.
     """
     _check(x, cos, sin)
     if use_triton(x, cos, sin):

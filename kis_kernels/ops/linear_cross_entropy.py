@@ -38,10 +38,10 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from kernels._triton import cdiv, lazy_jit, next_power_of_2
-from kernels.dispatch import use_triton
+from kis_kernels._triton import cdiv, lazy_jit, next_power_of_2
+from kis_kernels.dispatch import use_triton
 
-tl = None  # triton.language, bound by lazy_jit at the first launch (see kernels/_triton.py)
+tl = None  # triton.language, bound by lazy_jit at the first launch (see kis_kernels/_triton.py)
 
 _MAX_BLOCK_V = 4096  # vocabulary columns per loop step of the row kernels
 
@@ -132,7 +132,7 @@ def default_chunk_rows(n_rows: int, hidden_size: int, vocab_local: int) -> int:
 def linear_cross_entropy_launch_config(vocab_local: int) -> dict:
     """BLOCK_V and num_warps of both row kernels for a (shard of the) vocabulary of
     ``vocab_local`` columns: up to 4096 columns per loop step. A pure function (see
-    ``kernels.aot``)."""
+    ``kis_kernels.aot``)."""
     block_v = min(next_power_of_2(vocab_local), _MAX_BLOCK_V)
     return {"BLOCK_V": block_v, "num_warps": 8 if block_v >= 2048 else 4}
 
@@ -359,7 +359,7 @@ def linear_cross_entropy(hidden, weight, target, ignore_index=-100, group=None, 
     all-reduce over ``group``. ``chunk_size``: tokens per chunk (default: logits chunk
     about the size of ``hidden``, at least ~4M elements). Returns a 0-dim float32 (float64 for float64 inputs
     on the reference path) tensor. Runs Triton or the chunked reference as
-    :mod:`kernels.dispatch` decides.
+    :mod:`kis_kernels.dispatch` decides.
     """
     if use_triton(hidden, weight, target):
         hidden2, target2 = _flatten_checked(hidden, weight, target, ignore_index, group)
