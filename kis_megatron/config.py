@@ -9,7 +9,6 @@ is a ``ConfigError`` that names the key. Each part of the trainer receives only 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import types
 import typing
@@ -384,37 +383,6 @@ def _validate_facts(inf: InfusionConfig) -> None:
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the fully resolved config as YAML (atomically)."""
     atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-
-
-def load_run_config(run_dir: str | Path) -> Config:
-    """The config of a run directory (its ``config.yaml``), for the tools that work on a
-    finished run from anywhere: relative paths in it (shards, tokenizer, probe files, an
-    ``hf:`` start) are made absolute against the directory the run was launched from, which
-    the trainer records in ``run.json`` as ``launch_dir`` (a run without it: the current
-    directory, as before)."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
-    cfg = load_config(run_dir / "config.yaml")
-    try:
-        base = json.loads((run_dir / "run.json").read_text()).get("launch_dir")
-    except (OSError, ValueError, AttributeError):
-        base = None
-    if not isinstance(base, str) or not base:
-        return cfg
-
-    def at(p: Optional[str]) -> Optional[str]:
-        return str(Path(base) / p) if p and not Path(p).is_absolute() else p
-
-    d, inf = cfg.data, cfg.infusion
-    d.train, d.valid, d.tokenizer = at(d.train), at(d.valid), at(d.tokenizer)
-    inf.domain = at(inf.domain)
-    for src in inf.domains:
-        src.path = at(src.path)
-    cfg.eval.probes = {name: at(p) for name, p in cfg.eval.probes.items()}
-    if cfg.model.init_from and cfg.model.init_from.startswith("hf:"):
-        cfg.model.init_from = "hf:" + at(cfg.model.init_from[3:])
-    return cfg
 
 
 def _validate_layout(cfg: Config) -> None:

@@ -85,7 +85,7 @@ from tqdm import tqdm
 
 from kis_megatron.config import ConfigError, load_config
 from kis_megatron.model.llama import Transformer
-from kis_megatron.training.checkpoint import CheckpointManager
+from kis_megatron.run_dir import RunDir
 from kis_megatron.sweep_spec import (
     Axis,
     Point,
@@ -283,25 +283,13 @@ def _param_count(cfg) -> int:
 
 
 def run_info(run: SweepRun) -> dict:
-    """The run's run.json ({} when it has none or it is unreadable)."""
-    try:
-        info = json.loads((run.run_dir / "run.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    return info if isinstance(info, dict) else {}
+    """The run's record ({} when it has none or it is unreadable)."""
+    return RunDir(run.run_dir).info()
 
 
 def run_status(run: SweepRun) -> str:
-    """finished | failed (run.json says so; tried again) | partial (resumes from a complete
-    checkpoint) | interrupted (started, no complete checkpoint: resumes afresh) | new."""
-    status = run_info(run).get("status")
-    if status in ("finished", "failed"):
-        return status
-    if CheckpointManager(run.run_dir / "checkpoints").complete_checkpoints():
-        return "partial"
-    if status is not None or (run.run_dir / "metrics.jsonl").exists():
-        return "interrupted"
-    return "new"
+    """finished | failed (tried again) | partial | interrupted | new (RunDir.progress)."""
+    return RunDir(run.run_dir).progress()
 
 
 def train_args(sweep: Sweep, run: SweepRun) -> list[str]:

@@ -64,26 +64,3 @@ def test_the_learning_rate_errors_name_the_key_that_is_wrong():
         load_config(None, ["train.lr=-0.1", "train.min_lr=0"])
     with pytest.raises(ConfigError, match=r"^train\.min_lr: 0\.5 must be in \[0, train\.lr=0\.1\]"):
         load_config(None, ["train.lr=0.1", "train.min_lr=0.5"])
-
-
-def test_a_runs_relative_paths_resolve_against_where_it_was_launched(tmp_path):
-    import json
-
-    from kis_megatron.config import load_run_config, save_config
-
-    run = tmp_path / "runs" / "r"
-    run.mkdir(parents=True)
-    save_config(load_config(None, ["data.train=shards/general", "data.tokenizer=/abs/tok.model",
-                                   "eval.probes.domain=world/probes.jsonl",
-                                   "infusion.domains=[{name: a, path: shards/a, ratio: 0.1}]",
-                                   "model.init_from=hf:hf/llama"]), run / "config.yaml")
-    cfg = load_run_config(run)  # no run.json: the paths stay as written (the current directory)
-    assert cfg.data.train == "shards/general"
-    (run / "run.json").write_text(json.dumps({"launch_dir": "/work/study"}))
-    cfg = load_run_config(run)
-    assert cfg.data.train == "/work/study/shards/general" and cfg.data.tokenizer == "/abs/tok.model"
-    assert cfg.eval.probes == {"domain": "/work/study/world/probes.jsonl"}
-    assert cfg.infusion.domains[0].path == "/work/study/shards/a" and cfg.data.valid is None
-    assert cfg.model.init_from == "hf:/work/study/hf/llama"
-    with pytest.raises(ConfigError, match="not a run directory"):
-        load_run_config(tmp_path)

@@ -29,7 +29,7 @@ from kis_megatron.data.errors import DataError
 from kis_megatron.errors import KisError
 from kis_megatron.law.runs import read_run
 from kis_megatron.sweep import load_sweep, run_local, run_status
-from kis_megatron.train import Trainer, TrainingDiverged
+from kis_megatron.training.trainer import Trainer, TrainingDiverged
 from kis_megatron.training import checkpoint as ck
 
 

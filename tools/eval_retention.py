@@ -17,7 +17,8 @@ import json
 import sys
 from pathlib import Path
 
-from kis_megatron.config import ConfigError, load_run_config
+from kis_megatron.config import ConfigError
+from kis_megatron.run_dir import RunDir
 from kis_megatron.errors import KisError, exit_with
 from kis_megatron.eval.probing import ProbeRunner
 from kis_megatron.model.llama import build_model
@@ -33,7 +34,7 @@ def evaluate_checkpoint(run_dir: str | Path, checkpoint: str | Path | None = Non
     tokenizer: the latest checkpoint unless one is named, the run's ``eval.probes`` unless
     other probe files are given (so any checkpoint can be scored on any fixed probe set)."""
     run_dir = Path(run_dir)
-    cfg = load_run_config(run_dir)
+    cfg = RunDir(run_dir).load_config()
     if probes:
         cfg.eval.probes = dict(probes)
     if not cfg.eval.probes:

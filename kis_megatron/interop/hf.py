@@ -32,10 +32,11 @@ import sentencepiece as spm
 import torch
 from safetensors.torch import load_file, save_file
 
-from kis_megatron.config import ConfigError, ModelConfig, load_run_config
+from kis_megatron.config import ConfigError, ModelConfig
 from kis_megatron.interop.hf_tokenizer import write_hf_tokenizer
 from kis_megatron.model.llama import Transformer, build_model, llama_ffn_dim, local_slice
 from kis_megatron.training.checkpoint import CheckpointError, CheckpointManager, verify
+from kis_megatron.run_dir import RunDir
 from kis_megatron.utils import staging_dir
 
 __all__ = ["InteropError", "export_hf", "import_hf", "load_init", "hf_config_from_model",
@@ -255,16 +256,17 @@ def _write_safetensors(tensors: dict[str, torch.Tensor], out: Path, max_bytes: i
 def _locate(run_dir_or_checkpoint: str | Path, checkpoint: Optional[str | Path]):
     """(run dir, checkpoint dir) from a run dir, or from a checkpoint dir inside one."""
     path = Path(run_dir_or_checkpoint)
-    if (path / "config.yaml").is_file():
+    if RunDir(path).config_path.is_file():
         run_dir = path
-    elif (path / "COMPLETE").is_file() and (path.parent.parent / "config.yaml").is_file():
+    elif (path / "COMPLETE").is_file() and RunDir(path.parent.parent).config_path.is_file():
         run_dir, checkpoint = path.parent.parent, checkpoint or path
     else:
         raise InteropError(f"{path} is neither a run directory (no config.yaml) nor a "
                            "checkpoint directory inside one")
-    ckpt = Path(checkpoint) if checkpoint else CheckpointManager(run_dir / "checkpoints").latest()
+    ckpts = RunDir(run_dir).checkpoints_dir
+    ckpt = Path(checkpoint) if checkpoint else CheckpointManager(ckpts).latest()
     if ckpt is None:
-        raise CheckpointError(f"{run_dir / 'checkpoints'} holds no complete checkpoint")
+        raise CheckpointError(f"{ckpts} holds no complete checkpoint")
     if not (ckpt / "COMPLETE").is_file():
         raise CheckpointError(f"{ckpt} is not a complete checkpoint directory")
     return run_dir, ckpt
@@ -284,7 +286,7 @@ def export_hf(run_dir_or_checkpoint: str | Path, out_dir: str | Path,
         raise InteropError(f"{out_dir} already exists and is not empty; choose a new output folder")
     max_bytes = parse_size(max_shard_size)
     run_dir, ckpt = _locate(run_dir_or_checkpoint, checkpoint)
-    cfg = load_run_config(run_dir)  # its relative paths taken from where it was launched
+    cfg = RunDir(run_dir).load_config()  # its relative paths taken from where it was launched
     # Checkpoints name full tensors by their single-process names and shapes (each pipeline
     # stage writes its layers, each tensor-parallel rank its shards as chunks of them), so a
     # run of any layout loads into one process here.

@@ -24,13 +24,11 @@ from __future__ import annotations
 
 import bisect
 import glob as globlib
-import json
 import math
 import os
 
-import yaml
-
 from kis_megatron.law.table import LawInputError
+from kis_megatron.run_dir import RunDir, find_run_dirs_below, is_run_dir
 from kis_megatron.utils import read_jsonl
 
 # Keys of metrics lines that are bookkeeping or training quantities, not evaluation metrics
@@ -87,10 +85,6 @@ def _is_eval(record: dict) -> bool:
     return any(k == "val_loss" or k.startswith(("retention", "exact_match")) for k in record)
 
 
-def _is_run_dir(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "run.json"))
-
-
 def find_run_dirs(args: list[str], use_glob: bool = False) -> list[str]:
     """Run directories named by ``args``.  With ``use_glob`` each argument is a glob pattern
     (``**`` allowed).  An argument (or match) that is not itself a run directory (no
@@ -105,10 +99,10 @@ def find_run_dirs(args: list[str], use_glob: bool = False) -> list[str]:
                 if use_glob:
                     continue
                 raise LawInputError(f"{m} is not a directory; pass run directories")
-            if _is_run_dir(m):
+            if is_run_dir(m):
                 found.append(m)
                 continue
-            below = sorted(root for root, _, files in os.walk(m) if "run.json" in files)
+            below = find_run_dirs_below(m)
             if not below and not use_glob:
                 raise LawInputError(f"{m} holds no run directory (no run.json in it or below)")
             found.extend(below)
@@ -157,12 +151,12 @@ def read_records(run_dir: str) -> tuple[dict[int, dict], dict[int, dict], str, s
     """Training and evaluation records of a run keyed by step (a step logged twice, as
     after a resume, keeps its last record), the source they came from, and a note when the
     last line of metrics.jsonl is cut."""
-    path = os.path.join(run_dir, "metrics.jsonl")
+    rd = RunDir(run_dir)
     cut = None
-    if os.path.isfile(path):
-        (records, cut), source = _read_jsonl(path), "metrics.jsonl"
-    elif os.path.isdir(os.path.join(run_dir, "tb")):
-        records, source = _read_tensorboard(os.path.join(run_dir, "tb")), "tensorboard"
+    if rd.metrics_path.is_file():
+        (records, cut), source = _read_jsonl(str(rd.metrics_path)), "metrics.jsonl"
+    elif rd.tb_dir.is_dir():
+        records, source = _read_tensorboard(str(rd.tb_dir)), "tensorboard"
     else:
         raise LawInputError(f"{run_dir} has neither metrics.jsonl nor tb/ events")
     train, evals = {}, {}
@@ -189,36 +183,12 @@ def _finite(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _load_run_json(run_dir: str) -> dict:
-    path = os.path.join(run_dir, "run.json")
-    try:
-        with open(path) as f:
-            info = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise LawInputError(f"cannot read {path}: {e}") from None
-    inf = info.get("infusion")
-    if "model_params" not in info or not isinstance(inf, dict) or "value" not in inf:
-        raise LawInputError(f"{path} needs 'model_params' and 'infusion': {{'kind', 'value'}}")
-    return info
-
-
-def _seed(run_dir: str):
-    path = os.path.join(run_dir, "config.yaml")
-    if not os.path.isfile(path):
-        return None
-    try:
-        with open(path) as f:
-            cfg = yaml.safe_load(f) or {}
-    except yaml.YAMLError as e:
-        raise LawInputError(f"{path} is not valid YAML: {e}") from None
-    train = cfg.get("train") if isinstance(cfg, dict) else None
-    return train.get("seed") if isinstance(train, dict) else None
 
 
 def read_run(run_dir: str, all_evals: bool = False) -> tuple[list[dict], str | None]:
     """Table rows of one run: its final evaluation (default; finished runs only) or every
     evaluation.  Returns (rows, note) where note says why a run gave no rows."""
-    info = _load_run_json(run_dir)
+    info = RunDir(run_dir).read_info(LawInputError)
     if info.get("status") == "failed":
         return [], f"{run_dir}: left out, the run failed: {info.get('error') or 'no reason recorded'}"
     if not all_evals and info.get("status") != "finished":
@@ -241,7 +211,7 @@ def read_run(run_dir: str, all_evals: bool = False) -> tuple[list[dict], str | N
                         f"{source} (the last one is at step {max(evals)})" + (f"; {cut}" if cut else ""))
         steps = [max(evals) if final is None else final]
     inf = info["infusion"]
-    seed = _seed(run_dir)
+    seed = RunDir(run_dir).saved_seed(LawInputError)
     train_steps = sorted(train)
     rows = []
     for step in steps:

@@ -52,10 +52,10 @@ from torch.distributed.checkpoint.state_dict import (
 from kis_megatron.errors import KisError
 from kis_megatron.model.llama import Transformer
 from kis_megatron.parallel.dims import any_rank, from_rank0
+from kis_megatron.run_dir import complete_checkpoints
 from kis_megatron.training.optim import local_optimizer
 from kis_megatron.utils import atomic_write, atomic_write_text, publish_dir
 
-_STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
 class CheckpointError(KisError, RuntimeError):
@@ -171,10 +171,7 @@ class CheckpointManager:
 
     def complete_checkpoints(self) -> list[Path]:
         """Complete checkpoint directories, oldest first."""
-        if not self.dir.is_dir():
-            return []
-        found = [p for p in self.dir.iterdir() if _STEP_DIR.match(p.name) and (p / "COMPLETE").is_file()]
-        return sorted(found, key=lambda p: p.name)
+        return complete_checkpoints(self.dir)
 
     def latest(self) -> Optional[Path]:
         """The checkpoint ``latest`` names if it is complete, else the newest complete one."""

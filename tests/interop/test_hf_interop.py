@@ -18,7 +18,7 @@ from kis_megatron.config import ModelConfig, load_config, save_config  # noqa: E
 from kis_megatron.data.tokenizer import Tokenizer  # noqa: E402
 from kis_megatron.interop.hf import InteropError, export_hf, import_hf, load_init  # noqa: E402
 from kis_megatron.model.llama import Transformer  # noqa: E402
-from kis_megatron.train import Trainer  # noqa: E402
+from kis_megatron.training.trainer import Trainer  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 

@@ -12,7 +12,7 @@ import torch
 from _compare import assert_same_run, assert_same_tensors, weights_at
 from _corpus import ROOT, tiny_overrides, torchrun
 from kis_megatron.config import ConfigError, load_config
-from kis_megatron.train import Trainer
+from kis_megatron.training.trainer import Trainer
 
 STEPS = 4
 GRAD_DUMP = ROOT / "tests" / "_grad_dump.py"

@@ -11,7 +11,7 @@ from _corpus import tiny_overrides, torchrun
 from kis_megatron.config import ConfigError, load_config
 from kis_megatron.model.llama import ModelDims
 from kis_megatron.parallel.tensor_parallel import check_tp
-from kis_megatron.train import Trainer
+from kis_megatron.training.trainer import Trainer
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]  # every test starts gloo ranks
 

@@ -7,7 +7,7 @@ import runpy
 import pytest
 
 from kis_megatron.config import load_config
-from kis_megatron.train import Trainer
+from kis_megatron.training.trainer import Trainer
 
 from _corpus import ROOT, tiny_overrides
 

@@ -12,7 +12,7 @@ import torch
 
 from _corpus import ROOT, tiny_overrides
 from kis_megatron.config import load_config
-from kis_megatron.train import Trainer
+from kis_megatron.training.trainer import Trainer
 from kis_megatron.training.checkpoint import CheckpointManager
 
 
