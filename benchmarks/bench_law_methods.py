@@ -24,7 +24,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
-from kis_megatron.law.analysis import Options, fit, locate
+from kis_megatron.law.analysis import Options, fit_law, locate
 from kis_megatron.law.collapse import COLLAPSE, detect_collapse
 from kis_megatron.law.refine import interval_width, next_level
 from kis_megatron.law.simulate import LadderSpec, draw_truth, rows_to_curve, simulate_rows
@@ -40,7 +40,7 @@ N_BOOT = 400
 
 def one_draw(args):
     """One simulated ladder through the product's own path (analysis.locate and
-    analysis.fit, with fit_law's defaults but for the bootstrap size)."""
+    analysis.fit_law, with fit_law's defaults but for the bootstrap size)."""
     name, draw, methods = args
     spec = SCENARIOS[name]
     rows, _ = simulate_rows(spec, np.random.default_rng([draw, 7]))
@@ -50,7 +50,7 @@ def one_draw(args):
     truth_pred = float(spec.true_cp(spec.heldout))
     for m in methods:
         try:
-            law = fit(curves, points, Options(chance=spec.chance, n_boot=N_BOOT, seed=draw, fit=m))
+            law = fit_law(curves, points, Options(chance=spec.chance, n_boot=N_BOOT, seed=draw, fit=m))
         except LawInputError:
             out[m] = None
             continue

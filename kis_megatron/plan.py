@@ -367,7 +367,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(cfg: Config, args: argparse.Namespace) -> int:
-    """``kis-train ... --plan``: print the plan (text or JSON); warnings go to stderr."""
+    """``kis-train ... --plan``: print the plan (text or JSON). Warnings are part of the
+    text on stdout; with ``--json`` they are in the JSON and also printed to stderr."""
     world = args.plan_world or int(os.environ.get("WORLD_SIZE", "0")) or cfg.parallel.tp * cfg.parallel.pp
     gpu = None if args.plan_gpu == "cpu" else args.plan_gpu
     p = plan(cfg, world, gpu, args.plan_mfu)

@@ -15,8 +15,8 @@ from _corpus import ROOT, write_base_config
 from kis_megatron.config import ConfigError, load_config
 from kis_megatron.model.llama import Transformer
 from kis_megatron.sweep import load_sweep, run_status
-from kis_megatron.sweep_refine import plan_refinement, refine_local
-from kis_megatron.sweep_validate import PLAN_FILE, validation_levels, validation_sweep
+from kis_megatron.sweep.refine import plan_refinement, refine_local
+from kis_megatron.sweep.validate import PLAN_FILE, validation_levels, validation_sweep
 
 main = runpy.run_path(str(ROOT / "tools/sweep.py"), run_name="tool")["main"]  # the sweep CLI
 

@@ -9,7 +9,7 @@
 
 The sweep file format (value axes, refine:, validate:) and the behaviour (skip finished runs,
 resume interrupted ones, largest model first, refine.json, validation_plan.json) are
-documented in kis_megatron/sweep.py.
+documented in kis_megatron/sweep/__init__.py.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from typing import Optional
 from kis_megatron.config import ConfigError
 from kis_megatron.errors import KisError, exit_with
 from kis_megatron.sweep import load_sweep, print_launch, run_local, run_status
-from kis_megatron.sweep_refine import plan_refinement, refine_local
-from kis_megatron.sweep_validate import validation_sweep
+from kis_megatron.sweep.refine import plan_refinement, refine_local
+from kis_megatron.sweep.validate import validation_sweep
 
 
 def _stderr(line: str) -> None:

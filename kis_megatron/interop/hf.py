@@ -17,8 +17,9 @@ with no permutation of q/k rows; ``tests/interop`` proves it by comparing logits
 Whatever one side can express and the other cannot (RoPE scaling, biases, another activation,
 a head_dim that is not hidden/heads, ...) is an ``InteropError`` naming the field, never a
 silent difference. Checkpoints of any (dp, tp, pp) layout export (they hold full tensors);
-an imported model can be trained at any layout, since the weights are loaded before the
-pipeline split and ``apply_tp``.
+an imported model can be trained at any layout: the trainer cuts the model first (pipeline
+stage and ``apply_tp``, on the meta device) and ``load_init`` then copies into each parameter
+the part of the full tensor it holds (``local_slice``).
 """
 
 from __future__ import annotations

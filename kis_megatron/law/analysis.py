@@ -14,9 +14,9 @@ import numpy as np
 
 from kis_megatron.law.collapse import COLLAPSE, CollapsePoint, detect_collapse, level_means
 from kis_megatron.law.exposure import ExposureAccounting, exposure_accounting
-from kis_megatron.law.fit import TERMS, LawFit, fit_law
+from kis_megatron.law.fit import TERMS, LawFit, fit_points
 from kis_megatron.law.forms import FORM_NAMES
-from kis_megatron.law.joint import fit_law_joint
+from kis_megatron.law.joint import fit_curves
 from kis_megatron.law.noise import SpreadSums, run_spread
 from kis_megatron.law.recommend import parse_recommend, recommend
 from kis_megatron.law.regime import exposures_at_collapse, support, supported, top_slope
@@ -26,7 +26,7 @@ from kis_megatron.law.table import Curve, LawInputError, select_curves
 
 FITS = ("joint", "two-stage")
 # Bootstrap stream of a validation curve (``locate``'s ``stream``), so a sweep that checks
-# the same curve (sweep_validate.py) reproduces fit_law's interval exactly.
+# the same curve (sweep/validate.py) reproduces fit_law's interval exactly.
 VALIDATION_STREAM = 7
 
 
@@ -192,16 +192,18 @@ def pooled_spread(curves: list[Curve], options: Options) -> float | None:
     return run_spread(sum(sums, SpreadSums())) if sums else None
 
 
-def fit(curves: list[Curve], points: list[CollapsePoint], options: Options, form: str = "power",
-        scales: list[float] | None = None) -> LawFit:
-    """The law in ``form`` from located curves, by ``options.fit`` (two-stage: power only)."""
+def fit_law(curves: list[Curve], points: list[CollapsePoint], options: Options, form: str = "power",
+            scales: list[float] | None = None) -> LawFit:
+    """The law in ``form`` from located curves, by ``options.fit``: jointly on the curves
+    (joint.fit_curves, the default) or on their collapse points (fit.fit_points, two-stage:
+    power only). The one verb for fitting; the others are its two methods."""
     if options.fit == "two-stage":
-        return fit_law(points, options.confidence, options.terms)
+        return fit_points(points, options.confidence, options.terms)
     seed = [options.seed, 1_000_003] + ([FORM_NAMES.index(form)] if form != "power" else [])
-    return fit_law_joint(curves, points, chance=options.chance, fraction=options.fraction,
-                         n_boot=options.n_boot, confidence=options.confidence,
-                         rng=np.random.default_rng(seed), terms=options.terms,
-                         form=form, scales=scales)
+    return fit_curves(curves, points, chance=options.chance, fraction=options.fraction,
+                      n_boot=options.n_boot, confidence=options.confidence,
+                      rng=np.random.default_rng(seed), terms=options.terms,
+                      form=form, scales=scales)
 
 
 def analyze(rows: list[dict], options: Options, target: str | None = None,
@@ -210,7 +212,7 @@ def analyze(rows: list[dict], options: Options, target: str | None = None,
     law's prediction for the larger model those rows measured; they never enter the fit).
     ``target``: 'N[,D]' to predict; ``recommend_target``: 'N,D[,share]' to recommend for.
     Raises LawInputError with one clear message for any input problem (see
-    table.select_curves and fit.fit_law)."""
+    table.select_curves and fit.fit_points)."""
     options.validate()
     if options.chance == "auto":
         options = replace(options, chance=logged_chance(rows, options.metric))
@@ -218,7 +220,7 @@ def analyze(rows: list[dict], options: Options, target: str | None = None,
     rec_target = parse_recommend(recommend_target) if recommend_target else None
     curves, kind = select_curves(rows, options.metric, options.infusion_kind)
     points = locate(curves, options)
-    law = fit(curves, points, options)
+    law = fit_law(curves, points, options)
     accounting, why = exposure_accounting(curves, kind)
     forms = options.forms if options.fit == "joint" else ("power",)
     if options.fit != "joint":
@@ -227,7 +229,7 @@ def analyze(rows: list[dict], options: Options, target: str | None = None,
     def fit_form(cs, ps, name, scales):
         if name == "power" and len(cs) == len(curves):
             return law
-        return fit(cs, ps, options, name, scales)
+        return fit_law(cs, ps, options, name, scales)
 
     selection = select_form(curves, points, fit_form, accounting=accounting, unavailable=why,
                             forms=forms)

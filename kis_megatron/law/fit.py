@@ -191,7 +191,7 @@ def law_design(points: list[CollapsePoint], terms: str = "auto") -> tuple[np.nda
         "is fitted in N and holds for targets trained on the ladder's budget rule")
 
 
-def fit_law(points: list[CollapsePoint], confidence: float = 0.95, terms: str = "auto") -> LawFit:
+def fit_points(points: list[CollapsePoint], confidence: float = 0.95, terms: str = "auto") -> LawFit:
     """Fit CP = a N^b (D^c, see :func:`law_design`) to the located collapse points by
     least squares in log10, with pipeline-bootstrap replicates (see module docstring).
     Raises LawInputError when fewer than two model sizes have a located collapse, or when

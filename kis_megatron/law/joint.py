@@ -195,7 +195,7 @@ def ladder_covariates(curves: list[Curve], scales: list[float] | None, slope: fl
                          scales, slope)
 
 
-def fit_law_joint(curves: list[Curve], points: list[CollapsePoint], *, chance: float | None,
+def fit_curves(curves: list[Curve], points: list[CollapsePoint], *, chance: float | None,
                   fraction: float = 0.5, n_boot: int = 1000, confidence: float = 0.95,
                   rng: np.random.Generator | None = None, terms: str = "auto",
                   form: str = "power", scales: list[float] | None = None,

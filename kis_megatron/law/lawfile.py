@@ -1,6 +1,6 @@
-"""law.json: the one reader of the file tools/fit_law.py writes (report.py builds its
-content), and the one predictor from it, so that a sweep placing validation levels predicts
-exactly what fit_law predicted.
+"""law.json: the one reader and encoder of the file tools/fit_law.py writes (outputs.py builds
+its content and writes it last), and the one predictor from it, so that a sweep placing
+validation levels predicts exactly what fit_law predicted.
 
 What it keeps to predict again: per fitted form its parameters and reference sizes
 (``forms.<name>.state``, forms.Form.state), the selected form (``selected_form``), and the
@@ -22,6 +22,9 @@ import numpy as np
 from kis_megatron.errors import KisError
 from kis_megatron.law.exposure import ExposureAccounting
 from kis_megatron.law.forms import Covariates, Form
+
+
+LAW_FILE = "law.json"
 
 
 class LawFileError(KisError, ValueError):
@@ -75,6 +78,28 @@ class LawFile:
             k, slope = acc.scale_for(d, share), acc.slope
         cov = Covariates.of(n, d if law_form.use_tokens else None, k, slope)
         return float(10 ** law_form.xc(theta, cov)[0])
+
+
+def law_bytes(doc: dict, outputs: list[str]) -> bytes:
+    """law.json's bytes: ``doc`` listing ``outputs``, the other files of its directory (so a
+    later fit into the same directory knows what it may replace)."""
+    return (json.dumps({**doc, "outputs": sorted(outputs) + [LAW_FILE]}, indent=2) + "\n").encode()
+
+
+def holds_law(out: str | Path) -> bool:
+    return (Path(out) / LAW_FILE).is_file()
+
+
+def earlier_outputs(out: str | Path) -> set[str]:
+    """The files an earlier fit_law run wrote into ``out`` (from its law.json's list)."""
+    try:
+        doc = json.loads((Path(out) / LAW_FILE).read_text())
+    except (OSError, ValueError):
+        return set()
+    if not isinstance(doc, dict):
+        return set()
+    names = doc.get("outputs") or (["report.md", "table.csv"] + list(doc.get("plots") or []))
+    return {n for n in names if isinstance(n, str) and Path(n).name == n}
 
 
 def read_law(path: str | Path) -> LawFile:

@@ -7,7 +7,6 @@ write again are removed, and nothing else in the directory is touched."""
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import shutil
@@ -15,6 +14,7 @@ import tempfile
 
 from kis_megatron.law.analysis import Analysis
 from kis_megatron.law.collapse import COLLAPSE
+from kis_megatron.law.lawfile import LAW_FILE, earlier_outputs, holds_law, law_bytes
 from kis_megatron.law.plots import plot_curves, plot_exposures, plot_law, plot_validation
 from kis_megatron.law.regime import support_sentence
 from kis_megatron.law.report import exposures_of, plots_of, report_markdown
@@ -129,7 +129,7 @@ def check_out_dir(out: str) -> None:
     if os.path.exists(out):
         if not os.path.isdir(out):
             raise LawInputError(f"--out {out} exists and is not a directory")
-        if os.listdir(out) and not os.path.isfile(os.path.join(out, "law.json")):
+        if os.listdir(out) and not holds_law(out):
             raise LawInputError(
                 f"--out {out} is a non-empty directory without law.json; choose a new directory"
             )
@@ -151,25 +151,12 @@ def write_outputs(a: Analysis, out: str, table_rows: list[dict] | None = None) -
         if table_rows is not None:
             write_table(table_rows, os.path.join(stage, "table.csv"))
             files["table.csv"] = open(os.path.join(stage, "table.csv"), "rb").read()
-        doc = law_json(a)
-        doc["outputs"] = sorted(files) + ["law.json"]
-        files["law.json"] = (json.dumps(doc, indent=2) + "\n").encode()
+        files[LAW_FILE] = law_bytes(law_json(a), list(files))
     finally:
         shutil.rmtree(stage, ignore_errors=True)
-    earlier = _earlier_outputs(out)
-    for name in [n for n in files if n != "law.json"] + ["law.json"]:
+    earlier = earlier_outputs(out)
+    for name in [n for n in files if n != LAW_FILE] + [LAW_FILE]:
         atomic_write_bytes(os.path.join(out, name), files[name])
     for name in sorted(earlier - set(files)):
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(out, name))
-
-
-def _earlier_outputs(out: str) -> set[str]:
-    """The files an earlier fit_law run wrote into ``out`` (from its law.json)."""
-    try:
-        with open(os.path.join(out, "law.json")) as f:
-            doc = json.load(f)
-    except (OSError, ValueError):
-        return set()
-    names = doc.get("outputs") or (["report.md", "table.csv"] + list(doc.get("plots") or []))
-    return {n for n in names if isinstance(n, str) and os.path.basename(n) == n}

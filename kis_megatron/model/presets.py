@@ -1,5 +1,6 @@
-"""Named model sizes. Llama-style shapes; parameter counts are for the default 32k vocabulary
-(untied), as reported by ``Transformer.num_params()``.
+"""Named model sizes. Llama-style shapes; the names give the rough size at the default 32k
+vocabulary (untied); the exact count of a config is ``model.llama.model_sizes`` (what run.json
+records, and ``kis-train --plan`` prints).
 
 ``tiny`` (~0.1M parameters) is for CPU tests and CI; the others follow the 125M-7B ladder
 that GPU studies use (shapes as in GPT-3/OPT for 125M-1.3B, OpenLLaMA-3B and Llama-2-7B above).

@@ -178,8 +178,10 @@ def apply_tp(model: nn.Module, tp_group, sequence_parallel: bool = False) -> nn.
     """Shard the plain ``Transformer`` (or a pipeline stage's part of it) across ``tp_group``
     in place and return it.
 
-    Call before ``compile_blocks`` and data parallelism, after any weight loading (the
-    shards are cut from the weights the model holds). A tied head keeps sharing the
+    Call before ``compile_blocks`` and data parallelism. On a model with weights the shards
+    are cut from them; on a model laid out on the meta device (the trainer's way, through
+    ``build_model(parallelize=)``) the weights come later, each parameter filled with its
+    part of the full tensor (initialisation, or ``interop.hf.load_init``). A tied head keeps sharing the
     embedding's shard. ``sequence_parallel``: the residual stream between layers is split
     along the sequence (the model pads a sequence to a multiple of tp). With ``tp_group``
     None (tp == 1) the model is returned unchanged."""

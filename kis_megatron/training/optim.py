@@ -3,8 +3,9 @@
 On CUDA the optimizer is apex's FusedAdam when apex is installed *and its CUDA extension
 loads* (apex is not on PyPI; a pure-Python apex install imports fine, then FusedAdam raises
 "requires cuda extensions" when constructed: the check imports that extension, ``amp_C``, and
-asks ``multi_tensor_applier.available``), else torch's AdamW with ``fused=True``; one log line
-says which and why. On CPU it is torch's AdamW with ``foreach=False`` (the per-parameter loop).
+asks ``multi_tensor_applier.available``), else torch's AdamW with ``fused=True``; the choice and why go to
+Python logging once per process (INFO, shown only when logging is configured; a broken apex is a
+WARNING, which Python prints by default). On CPU it is torch's AdamW with ``foreach=False`` (the per-parameter loop).
 Norm weights (1-D parameters) get no weight decay, as in Llama and Megatron. With
 ``parallel.zero1`` it is wrapped in torch's ZeroRedundancyOptimizer: each data-parallel rank
 keeps the AdamW state of its share of the parameters, steps them, and broadcasts them.

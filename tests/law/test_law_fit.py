@@ -5,7 +5,7 @@ import pytest
 
 from kis_megatron.law.analysis import Options, analyze, parse_target
 from kis_megatron.law.collapse import COLLAPSE, NO_COLLAPSE, CollapsePoint
-from kis_megatron.law.fit import fit_law, leave_largest_out
+from kis_megatron.law.fit import fit_points, leave_largest_out
 from kis_megatron.law.table import LawInputError
 
 
@@ -21,7 +21,7 @@ def point(n, d, cp, boot_sd=0.01, status=COLLAPSE, seed=0, n_boot=400):
 
 def test_exact_power_law_is_recovered():
     sizes = [1e6, 4e6, 1.6e7, 6.4e7]
-    law = fit_law([point(n, 1e9, 2.5e-3 * n**0.27) for n in sizes])
+    law = fit_points([point(n, 1e9, 2.5e-3 * n**0.27) for n in sizes])
     assert not law.use_tokens
     assert law.exponent == pytest.approx(0.27, abs=1e-12)
     assert law.coefficient == pytest.approx(2.5e-3, rel=1e-10)
@@ -35,7 +35,7 @@ def test_exact_power_law_is_recovered():
 
 def test_exact_law_with_token_budget_is_recovered():
     pts = [point(n, d, 4e-5 * n**0.3 * d**0.15) for n in (1e6, 1e7, 1e8) for d in (1e9, 1e10)]
-    law = fit_law(pts)
+    law = fit_points(pts)
     assert law.use_tokens and law.form_text() == "CP = a * N^b * D^c"
     assert law.exponent == pytest.approx(0.3, abs=1e-10)
     assert law.tokens_exponent == pytest.approx(0.15, abs=1e-10)
@@ -51,7 +51,7 @@ def test_slope_matches_an_independent_float64_regression():
     rng = np.random.default_rng(5)
     n = np.array([2e5, 1e6, 3e6, 2e7, 9e7])
     cp = 0.01 * n**0.2 * 10 ** rng.normal(0, 0.05, n.size)  # off the law, so residuals exist
-    law = fit_law([point(a, 1e9, c) for a, c in zip(n, cp)])
+    law = fit_points([point(a, 1e9, c) for a, c in zip(n, cp)])
     x, y = np.log10(n), np.log10(cp)
     slope = np.sum((x - x.mean()) * (y - y.mean())) / np.sum((x - x.mean()) ** 2)
     assert law.exponent == pytest.approx(slope, rel=1e-12)
@@ -61,32 +61,32 @@ def test_slope_matches_an_independent_float64_regression():
 
 def test_bounds_are_excluded_and_one_size_is_an_error():
     pts = [point(1e6, 1e9, 0.2), point(1e7, 1e9, 0.3), point(1e8, 1e9, 3.0, status=NO_COLLAPSE)]
-    law = fit_law(pts)
+    law = fit_points(pts)
     assert [p.model_params for p in law.points] == [1e6, 1e7]
     with pytest.raises(LawInputError, match="no law can be fitted.*no_collapse_lower_bound"):
-        fit_law([pts[0], pts[2]])
+        fit_points([pts[0], pts[2]])
 
 
 def test_budgets_that_grow_with_size_give_a_law_in_n_alone():
     # 20 tokens per parameter: D moves with N, so D cannot be a separate term.
     pts = [point(n, 20 * n, 3e-3 * n**0.3) for n in (1e6, 1e7, 1e8)]
-    law = fit_law(pts)
+    law = fit_points(pts)
     assert not law.use_tokens and law.exponent == pytest.approx(0.3)
     assert "cannot be separated" in law.note and "20" in law.note
     with pytest.raises(LawInputError, match="cannot be separated"):
-        fit_law(pts, terms="N,D")
-    plain = fit_law([point(n, 1e9, 3e-3 * n**0.3) for n in (1e6, 1e7)], terms="N")
+        fit_points(pts, terms="N,D")
+    plain = fit_points([point(n, 1e9, 3e-3 * n**0.3) for n in (1e6, 1e7)], terms="N")
     assert plain.note == "" and not plain.use_tokens
 
 
 def test_leave_largest_out_on_an_exact_law():
     pts = [point(n, 1e9, 3e-3 * n**0.3) for n in (1e6, 1e7, 1e8)]
-    check = leave_largest_out(fit_law(pts), fit_law)
+    check = leave_largest_out(fit_points(pts), fit_points)
     assert check["possible"] and check["held_out_model_params"] == 1e8
     (c,) = check["points"]
     assert c["rel_error"] == pytest.approx(0.0, abs=1e-9)
     assert c["inside"] and c["intervals_overlap"]
-    two = leave_largest_out(fit_law(pts[:2]), fit_law)
+    two = leave_largest_out(fit_points(pts[:2]), fit_points)
     assert not two["possible"] and "3 or more" in two["reason"]
 
 

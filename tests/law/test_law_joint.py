@@ -10,7 +10,7 @@ import pytest
 
 from kis_megatron.law.analysis import Options, analyze
 from kis_megatron.law.collapse import COLLAPSE, detect_collapse
-from kis_megatron.law.joint import fit_law_joint
+from kis_megatron.law.joint import fit_curves
 from kis_megatron.law.outputs import write_outputs
 from kis_megatron.law.table import Curve, LawInputError, select_curves
 
@@ -36,7 +36,7 @@ def exact_curves(b=0.3, c=0.0, tokens=(1e9,), sizes=SIZES, width=0.1, chance=0.2
 def test_joint_fit_recovers_an_exact_law():
     curves = exact_curves()
     points = [detect_collapse(c, chance=0.2, n_boot=20) for c in curves]
-    law = fit_law_joint(curves, points, chance=0.2, n_boot=20)
+    law = fit_curves(curves, points, chance=0.2, n_boot=20)
     assert law.method == "joint"
     assert law.exponent == pytest.approx(0.3, abs=1e-6)
     assert law.coefficient == pytest.approx(3e-3, rel=1e-5)
@@ -47,7 +47,7 @@ def test_joint_fit_recovers_an_exact_law():
 def test_joint_fit_recovers_a_budget_exponent():
     curves = exact_curves(b=0.3, c=0.25, tokens=(1e9, 4e9), sizes=SIZES[:3])
     points = [detect_collapse(c, chance=0.2, n_boot=20) for c in curves]
-    law = fit_law_joint(curves, points, chance=0.2, n_boot=20)
+    law = fit_curves(curves, points, chance=0.2, n_boot=20)
     assert law.use_tokens
     assert law.exponent == pytest.approx(0.3, abs=1e-6)
     assert law.tokens_exponent == pytest.approx(0.25, abs=1e-6)
@@ -57,7 +57,7 @@ def test_joint_fit_with_a_free_floor():
     curves = exact_curves()
     points = [detect_collapse(c, n_boot=20) for c in curves]
     assert all(p.status == COLLAPSE for p in points)
-    law = fit_law_joint(curves, points, chance=None, n_boot=20)
+    law = fit_curves(curves, points, chance=None, n_boot=20)
     assert law.exponent == pytest.approx(0.3, abs=1e-4)
 
 
@@ -65,7 +65,7 @@ def test_joint_fit_needs_two_located_sizes():
     curves = exact_curves(sizes=SIZES[:1])
     points = [detect_collapse(c, chance=0.2, n_boot=20) for c in curves]
     with pytest.raises(LawInputError, match="at least 2"):
-        fit_law_joint(curves, points, chance=0.2, n_boot=20)
+        fit_curves(curves, points, chance=0.2, n_boot=20)
 
 
 def test_repeated_runs_are_resampled_within_their_level(make_rows):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kis_megatron.law.analysis import Options, fit, locate
+from kis_megatron.law.analysis import Options, fit_law, locate
 from kis_megatron.law.collapse import COLLAPSE, detect_collapse
 from kis_megatron.law.refine import interval_width, next_level
 from kis_megatron.law.simulate import LadderSpec, draw_truth, rows_to_curve, simulate_rows
@@ -31,7 +31,7 @@ def test_default_fit_intervals_cover_the_true_exponent_and_held_out_collapse():
         curves, _ = select_curves(rows, spec.metric)
         points = locate(curves, Options(chance=spec.chance, n_boot=20, seed=draw))
         try:
-            law = fit(curves, points, Options(chance=spec.chance, n_boot=200, seed=draw))
+            law = fit_law(curves, points, Options(chance=spec.chance, n_boot=200, seed=draw))
         except LawInputError:  # too few located curves: counts as a miss
             continue
         assert law.method == opts.fit == "joint"

@@ -1,13 +1,13 @@
 """The sections of a sweep file, parsed and checked: ``axes`` (named points, or values with a
 name and override template), ``refine`` and ``validate``.  Parsing only: configs are resolved
-and runs are built in sweep.py; refinement and validation run in sweep_refine.py and
-sweep_validate.py.  The format is documented in sweep.py's module docstring.
+and runs are built in grid.py; refinement and validation run in refine.py and validate.py.
+The format is documented in the package docstring (``kis_megatron/sweep/__init__.py``).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from kis_megatron.config import ConfigError

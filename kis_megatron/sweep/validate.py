@@ -33,8 +33,8 @@ from kis_megatron.config import ConfigError
 from kis_megatron.errors import KisError
 from kis_megatron.law import lawfile
 from kis_megatron.law.lawfile import LawFile, LawFileError
-from kis_megatron.sweep import PLAN_FILE, REFINE_FILE, Sweep, add_refined_runs, build_run
-from kis_megatron.sweep_spec import Axis, ValueTemplate
+from kis_megatron.sweep.grid import PLAN_FILE, REFINE_FILE, Sweep, add_refined_runs, build_run
+from kis_megatron.sweep.spec import Axis, ValueTemplate
 from kis_megatron.utils import atomic_write_json
 
 SEED_AXIS = "seed"

@@ -1,5 +1,5 @@
 """Refinement of a sweep: more infusion levels where each retention curve's collapse point is
-least known (the ``refine:`` section, see sweep.py).
+least known (the ``refine:`` section, see the package docstring).
 
 One planning step (``plan_refinement``) reads the finished runs' final evaluations
 (law.runs.extract_runs), groups them into curves by their sweep points (every axis but the
@@ -33,17 +33,10 @@ from kis_megatron.law.collapse import AT_START, COLLAPSE, PLATEAU_UNOBSERVED, Co
 from kis_megatron.law.refine import interval_width, next_level
 from kis_megatron.law.runs import extract_runs
 from kis_megatron.law.table import Curve, LawInputError, select_curves
-from kis_megatron.sweep import (
-    PLAN_FILE,
-    REFINE_FILE,
-    Sweep,
-    SweepRun,
-    refine_runs,
-    refined_points,
-    run_local,
-    run_status,
-)
-from kis_megatron.sweep_spec import Point
+from kis_megatron.sweep.grid import PLAN_FILE, REFINE_FILE, Sweep, SweepRun, refine_runs, refined_points
+from kis_megatron.sweep.launch import run_local
+from kis_megatron.sweep.spec import Point
+from kis_megatron.sweep.status import run_status
 from kis_megatron.utils import atomic_write_json
 
 MIN_LEVELS = 4  # distinct levels a curve needs, as law.table.select_curves requires
