@@ -28,7 +28,7 @@ import time
 import numpy as np
 
 from kis_megatron.data.indexed_dataset import IndexedDataset, IndexedDatasetWriter
-from kis_megatron.data.infusion import InfusionBlender, TokenWindowSource
+from kis_megatron.infusion.blender import InfusionBlender, TokenWindowSource
 
 # (seq_len, global_batch, domain ratios, general shard, preload the general shard?)
 SHAPES = [

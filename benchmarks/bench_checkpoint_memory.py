@@ -68,7 +68,7 @@ def worker(args) -> None:
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     from kis_megatron.config import ModelConfig, TrainConfig
-    from kis_megatron.model.llama import build_model
+    from kis_megatron.parallel.parallelize import build_model
     from kis_megatron.parallel.tensor_parallel import apply_tp, full_of, shard_of
     from kis_megatron.training import checkpoint as ck
     from kis_megatron.training.memory import LiveTensorBytes

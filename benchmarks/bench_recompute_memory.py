@@ -11,7 +11,7 @@ of two accumulated micro-batches (so the first one's gradients are alive, as in 
 with accumulation); the planner's kept, and its activations + gradients.
 The CPU runs the PyTorch reference ops (fp32); SDPA uses its CPU flash kernel, which keeps
 only the output and log-sum-exp, so ``selective`` saves little here (see
-kis_megatron/model/recompute.py).
+kis_megatron/parallel/recompute.py).
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ import torch  # noqa: E402
 
 from kis_megatron import plan as P  # noqa: E402
 from kis_megatron.config import load_config  # noqa: E402
-from kis_megatron.model.llama import build_model  # noqa: E402
-from kis_megatron.model.recompute import apply_recompute  # noqa: E402
+from kis_megatron.parallel.parallelize import build_model  # noqa: E402
+from kis_megatron.parallel.recompute import apply_recompute  # noqa: E402
 from kis_megatron.training.memory import accumulated_microbatch_bytes  # noqa: E402
 
 MB = 2**20

@@ -24,7 +24,7 @@ import time
 import torch
 
 from kis_megatron.config import ModelConfig, TrainConfig
-from kis_megatron.model.llama import build_model, compile_blocks
+from kis_megatron.parallel.parallelize import build_model, compile_blocks
 from kis_megatron.training.optim import build_optimizer
 
 

@@ -370,7 +370,7 @@ def resume_conflicts(saved: Config, cfg: Config) -> list[tuple[str, Any, Any]]:
 
 
 def _validate_facts(inf: InfusionConfig) -> None:
-    """infusion.facts: the checks that need no shard (those are in data.stream)."""
+    """infusion.facts: the checks that need no shard (those are in infusion.stream)."""
     if inf.facts is None:
         return
     _check(inf.facts >= 1, "infusion.facts", f"{inf.facts} must be >= 1 (or unset for every fact)")

@@ -3,7 +3,7 @@
 Every entry point (``kis-train``, each script in ``tools/``) catches :class:`KisError`, prints
 ``error: <message>`` and exits with status 2; anything else that escapes is a bug and keeps
 its traceback. Subclasses name the file, key or step to fix: ``ConfigError`` (config.py),
-``DataError`` and ``InfusionError`` (data/errors.py), ``KnowledgeError`` (data/knowledge.py),
+``DataError`` and ``InfusionError`` (data/errors.py), ``KnowledgeError`` (knowledge/triplets.py),
 ``CheckpointError`` (training/checkpoint.py), ``TrainingDiverged`` (train.py), ``LawInputError``
 (law/table.py), ``InteropError`` (interop/hf.py).
 """

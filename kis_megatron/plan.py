@@ -49,27 +49,11 @@ from kis_kernels.ops.linear_cross_entropy import default_chunk_rows
 from kis_megatron.config import Config, ConfigError
 from kis_megatron.model.llama import ModelDims, Transformer, llama_ffn_dim, model_sizes
 from kis_megatron.parallel.pipeline import PipelineLayout, check_microbatches
-from kis_megatron.parallel.tensor_parallel import check_tp
+from kis_megatron.parallel.tensor_parallel import check_tp, tp_shard_dim
 from kis_megatron.training.device import GPUS
 
 USABLE = 0.9  # of a GPU's memory (GPUS, training/device.py) a plan may fill
 _GIB = 1024 ** 3
-
-_COLUMN = ("wq", "wk", "wv", "w_gate", "w_up")  # sharded by output rows (apply_tp)
-_ROW = ("wo", "w_down")  # sharded by input columns
-
-
-def tp_shard_dim(name: str):
-    """The dimension ``apply_tp`` cuts a parameter along (None: replicated, the norms)."""
-    parts = name.split(".")
-    if parts[0] in ("tok_embeddings", "output"):
-        return 0
-    if len(parts) >= 2 and parts[-2] in _COLUMN:
-        return 0
-    if len(parts) >= 2 and parts[-2] in _ROW:
-        return 1
-    return None
-
 
 @dataclass(frozen=True)
 class Layout:

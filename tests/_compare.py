@@ -4,7 +4,7 @@ norms, checkpointed weights, gradients."""
 import torch
 
 from _corpus import train_rows
-from kis_megatron.model.llama import build_model
+from kis_megatron.parallel.parallelize import build_model
 from kis_megatron.training.checkpoint import CheckpointManager
 
 

@@ -223,7 +223,7 @@ def test_nonfinite_config_values_are_refused(override, key):
 
 def test_a_checkpoint_of_nonfinite_weights_is_never_written(ref_copy):
     cfg = load_config(ref_copy / "config.yaml")
-    from kis_megatron.model.llama import build_model
+    from kis_megatron.parallel.parallelize import build_model
     from kis_megatron.training.optim import build_optimizer
 
     model = build_model(cfg.model, seed=0)
@@ -239,7 +239,7 @@ def test_a_checkpoint_of_nonfinite_weights_is_never_written(ref_copy):
 def test_export_refuses_nonfinite_weights(ref_copy, monkeypatch, capsys, tmp_path):
     """A checkpoint with NaN weights (written by hand: the trainer never writes one)."""
     cfg = load_config(ref_copy / "config.yaml")
-    from kis_megatron.model.llama import build_model
+    from kis_megatron.parallel.parallelize import build_model
     from kis_megatron.training.optim import build_optimizer
 
     model = build_model(cfg.model, seed=0)
@@ -542,7 +542,7 @@ def test_every_tool_prints_one_error_and_exits_2(tmp_path, capsys, name, argv, n
 
 def test_every_user_error_class_derives_from_kis_error():
     from kis_megatron.data.errors import InfusionError
-    from kis_megatron.data.knowledge import KnowledgeError
+    from kis_megatron.knowledge.triplets import KnowledgeError
     from kis_megatron.interop.hf import InteropError
     from kis_megatron.law.table import LawInputError
 

@@ -108,3 +108,36 @@ def test_every_module_imports_on_its_own():
     failed = {n: r for n, r in results.items() if isinstance(r, str)}
     assert not failed, "\n".join(f"{n}:\n{r}" for n, r in failed.items())
     assert not [n for n, r in results.items() if r is True], "these load kis_megatron.train"
+
+
+def test_the_model_knows_nothing_of_parallelism():
+    for name, deps in project_graph().items():
+        if name.startswith("kis_megatron.model"):
+            bad = {d for d in deps if d.startswith("kis_megatron.parallel")}
+            assert not bad, f"{name} imports {bad}"
+
+
+def test_the_sweep_imports_no_torch():
+    code = ("import sys, kis_megatron.sweep, kis_megatron.sweep.refine, kis_megatron.sweep.validate; "
+            "print('torch' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "False"
+
+
+def test_each_run_and_law_file_has_one_owner():
+    """The file names as literals appear only in the module that opens them: run.json and
+    config.yaml in run_dir.py, law.json in law/lawfile.py."""
+    import re
+
+    owners = {"run.json": "kis_megatron/run_dir.py", "config.yaml": "kis_megatron/run_dir.py",
+              "law.json": "kis_megatron/law/lawfile.py"}
+    found = []
+    for top in ("kis_megatron", "tools"):
+        for path in sorted((ROOT / top).rglob("*.py")):
+            rel = path.relative_to(ROOT).as_posix()
+            text = path.read_text()
+            for name, owner in owners.items():
+                if rel != owner and re.search(r"[\"']" + re.escape(name) + r"[\"']", text):
+                    found.append(f"{rel}: {name}")
+    assert not found, found

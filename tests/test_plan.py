@@ -15,8 +15,9 @@ import torch
 from _corpus import ROOT, torchrun
 from kis_megatron import plan as P
 from kis_megatron.config import ConfigError, load_config
-from kis_megatron.model.llama import Transformer, build_model
-from kis_megatron.model.recompute import apply_recompute
+from kis_megatron.model.llama import Transformer
+from kis_megatron.parallel.parallelize import build_model
+from kis_megatron.parallel.recompute import apply_recompute
 from kis_megatron.training.memory import accumulated_microbatch_bytes
 from kis_megatron.training.optim import build_optimizer
 
@@ -123,8 +124,8 @@ def test_triton_path_activations_match_the_kernels_through_the_interpreter():
 import gc, json, torch
 from kis_megatron import plan as P
 from kis_megatron.config import load_config
-from kis_megatron.model.llama import build_model
-from kis_megatron.model.recompute import apply_recompute
+from kis_megatron.parallel.parallelize import build_model
+from kis_megatron.parallel.recompute import apply_recompute
 from kis_megatron.training.memory import LiveTensorBytes
 out = []
 for rc in ("none", "full"):
@@ -153,7 +154,7 @@ print(json.dumps(out))
 PER_RANK = """
 import gc, json, sys, torch, torch.distributed as dist
 from kis_megatron.config import load_config
-from kis_megatron.model.llama import build_model
+from kis_megatron.parallel.parallelize import build_model
 from kis_megatron.parallel.tensor_parallel import apply_tp
 from kis_megatron.training.memory import LiveTensorBytes
 from kis_megatron.training.optim import build_optimizer

@@ -21,7 +21,7 @@ from kis_megatron.config import ConfigError
 from kis_megatron.run_dir import RunDir
 from kis_megatron.errors import KisError, exit_with
 from kis_megatron.eval.probing import ProbeRunner
-from kis_megatron.model.llama import build_model
+from kis_megatron.parallel.parallelize import build_model
 from kis_megatron.training.checkpoint import CheckpointError, CheckpointManager, verify
 from kis_megatron.training.device import resolve_device
 from kis_megatron.utils import atomic_write_json

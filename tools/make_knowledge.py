@@ -50,9 +50,9 @@ from pathlib import Path
 
 import yaml
 
-from kis_megatron.data.knowledge import (KnowledgeSet, jsonl_text,
+from kis_megatron.knowledge.triplets import (KnowledgeSet, jsonl_text,
                                          load_knowledge_set, render_documents, save_knowledge_set)
-from kis_megatron.data.worlds import configs_from_dict, default_configs, generate_worlds
+from kis_megatron.knowledge.worlds import configs_from_dict, default_configs, generate_worlds
 from kis_megatron.errors import KisError
 from kis_megatron.eval.retention import build_probes, save_probes
 from kis_megatron.utils import atomic_write_text, staging_dir

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
-from kis_megatron.data.knowledge import KnowledgeError, KnowledgeSet, fill, jsonl_text
+from kis_megatron.knowledge.triplets import KnowledgeError, KnowledgeSet, fill, jsonl_text
 from kis_megatron.utils import atomic_write_text, read_jsonl
 
 if TYPE_CHECKING:

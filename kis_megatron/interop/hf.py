@@ -35,7 +35,8 @@ from safetensors.torch import load_file, save_file
 
 from kis_megatron.config import ConfigError, ModelConfig
 from kis_megatron.interop.hf_tokenizer import write_hf_tokenizer
-from kis_megatron.model.llama import Transformer, build_model, llama_ffn_dim, local_slice
+from kis_megatron.model.llama import Transformer, llama_ffn_dim
+from kis_megatron.parallel.parallelize import build_model, local_slice
 from kis_megatron.training.checkpoint import CheckpointError, CheckpointManager, verify
 from kis_megatron.run_dir import RunDir
 from kis_megatron.utils import staging_dir

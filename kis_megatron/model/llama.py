@@ -5,16 +5,18 @@ RMSNorm -> grouped-query attention with rotary embeddings (causal, through
 a final RMSNorm and the LM head, optionally tied to the token embedding.
 
 The fused pieces (norm, RoPE, SwiGLU, LM-head cross-entropy) go through ``ops`` so the Triton
-kernels replace them in one place. Parallelism is applied from outside (``kis_megatron.parallel``):
-layers live in a ``ModuleDict`` keyed by their global index so a pipeline stage can drop the
-ones it does not own, and every ``Linear`` is a plain ``nn.Linear`` a tensor-parallel pass can swap.
+kernels replace them in one place. The model knows nothing of parallelism; it is applied from
+outside (``kis_megatron.parallel.parallelize``), which relies on three plain facts: layers live
+in a ``ModuleDict`` keyed by their global index (a pipeline stage drops the ones it does not
+own), every projection is a plain ``nn.Linear`` (tensor parallelism swaps it), and the LM head
+computes its own loss (``LMHead.loss``; a vocabulary-parallel head computes it over its shard).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -75,7 +77,7 @@ def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Te
 class CoreAttention(nn.Module):
     """Causal softmax(q k^T / sqrt(hd)) v over (B, heads, T, hd) inputs, grouped-query when k
     and v have fewer heads. No parameters: a module of its own so that selective
-    recomputation (``model/recompute.py``) can target it, as Megatron does."""
+    recomputation (``parallel/recompute.py``) can target it, as Megatron does."""
 
     def forward(self, q, k, v):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.size(1) != k.size(1))
@@ -94,6 +96,7 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin):
         B, T, _ = x.shape
+        cos, sin = cos[:T], sin[:T]  # the tables cover max_seq_len
         # Head counts come from the weights so a tensor-parallel shard runs the same code.
         q = self.wq(x).view(B, T, -1, self.head_dim)  # (B, T, nh, hd)
         k = self.wk(x).view(B, T, -1, self.head_dim)  # (B, T, nkv, hd)
@@ -131,6 +134,18 @@ class Block(nn.Module):
         return x + self.ffn(self.ffn_norm(x))
 
 
+class LMHead(nn.Linear):
+    """The output projection; ``loss`` is the fused projection + cross-entropy, so the full
+    (tokens x vocab) logits are never materialised on GPU."""
+
+    def __init__(self, dim: int, vocab_size: int, fused: bool):
+        super().__init__(dim, vocab_size, bias=False)
+        self.fused = fused
+
+    def loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return ops.linear_cross_entropy(h, self.weight, targets, fused=self.fused)
+
+
 class Transformer(nn.Module):
     """``model(tokens)`` -> logits (B, T, V); ``model(tokens, targets)`` -> mean loss.
 
@@ -146,65 +161,48 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(d.vocab_size, d.dim)
         self.layers = nn.ModuleDict({str(i): Block(d, cfg.norm_eps, fused) for i in range(d.n_layers)})
         self.norm = RMSNorm(d.dim, cfg.norm_eps, fused)
-        self.output = nn.Linear(d.dim, d.vocab_size, bias=False)
+        self.output = LMHead(d.dim, d.vocab_size, fused)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self.register_buffer("rope_cos", None, persistent=False)
         self.register_buffer("rope_sin", None, persistent=False)
         self.set_rope_tables()
-        self.seq_multiple = 1  # tp under sequence parallelism: sequences are split tp ways
         self.reset_parameters(generator)
 
     def set_rope_tables(self) -> None:
         cos, sin = rope_tables(self.dims.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta)
         self.rope_cos, self.rope_sin = cos, sin
 
-    @torch.no_grad()
-    def reset_parameters(self, generator: Optional[torch.Generator] = None,
-                         order: Optional[list[tuple[str, torch.Size]]] = None) -> None:
-        """Normal(0, init_std) weights; the two residual-branch outputs per block scaled by
-        1/sqrt(2 * n_layers) (GPT-2) so the residual stream's variance does not grow with depth.
-
-        ``order``: the full model's (name, shape) list, for a model pruned to a pipeline
-        stage or cut by tensor parallelism: the numbers of the parameters (or parts) it lacks
-        are drawn into scratch, so what it keeps gets exactly the values of the full model."""
+    def init_std(self, name: str) -> Optional[float]:
+        """The initial std of parameter ``name`` (None: a norm weight, set to 1): init_std,
+        the two residual-branch outputs per block scaled by 1/sqrt(2 * n_layers) (GPT-2) so the
+        residual stream's variance does not grow with depth."""
+        if name.endswith("norm.weight"):
+            return None
         std = self.cfg.init_std
-        out_std = std / math.sqrt(2 * self.dims.n_layers)
-        params = dict(self.named_parameters(remove_duplicate=False))
-        for name, shape in order or [(n, p.shape) for n, p in self.named_parameters()]:
-            p = params.get(name)
-            if p is None and name == "tok_embeddings.weight" and self.cfg.tie_embeddings:
-                p = params.get("output.weight")  # a last stage's copy of the tied embedding
-            if name.endswith("norm.weight"):
-                if p is not None:
-                    p.fill_(1.0)
-                continue
-            whole = p is not None and getattr(p, "_tp_shard_dim", None) is None
-            target = p if whole else torch.empty(shape)
-            target.normal_(0.0, out_std if name.endswith(("wo.weight", "w_down.weight")) else std,
-                           generator=generator)
-            if p is not None and not whole:
-                p.copy_(local_slice(p, target))
+        return std / math.sqrt(2 * self.dims.n_layers) if name.endswith(("wo.weight", "w_down.weight")) else std
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: Optional[torch.Generator] = None) -> None:
+        """Every parameter from ``generator``, in parameter order (init_std)."""
+        for name, p in self.named_parameters():
+            std = self.init_std(name)
+            if std is None:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, std, generator=generator)
 
     def forward(self, tokens: torch.Tensor, targets: Optional[torch.Tensor] = None):
         B, T = tokens.shape
         if T > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds model.max_seq_len={self.cfg.max_seq_len}")
-        pad = -T % self.seq_multiple
-        if pad:  # causal: padding after the sequence never reaches its real positions
-            tokens = F.pad(tokens, (0, pad))
-            if targets is not None:
-                targets = F.pad(targets, (0, pad), value=-100)
-        h = self.tok_embeddings(tokens)  # (B, T, dim), or (B, T / tp, dim) sequence-parallel
+        h = self.tok_embeddings(tokens)  # (B, T, dim)
         h = self.run_layers(h, self.layers.values())
-        out = self.head(self.norm(h), targets)
-        return out[:, :T] if pad and targets is None else out
+        return self.head(self.norm(h), targets)
 
     def run_layers(self, h: torch.Tensor, layers) -> torch.Tensor:
-        T = h.size(1) * self.seq_multiple
-        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
         for layer in layers:
-            h = layer(h, cos, sin)
+            h = layer(h, self.rope_cos, self.rope_sin)
         return h
 
     def head(self, h: torch.Tensor, targets: Optional[torch.Tensor] = None):
@@ -212,10 +210,7 @@ class Transformer(nn.Module):
         targets, else the mean loss over targets that are not -100."""
         if targets is None:
             return self.output(h).float()
-        flat_h, flat_t = h.reshape(targets.numel(), -1), targets.reshape(-1)
-        if hasattr(self.output, "cross_entropy"):  # a tensor-parallel head: loss over its shard
-            return self.output.cross_entropy(flat_h, flat_t)
-        return ops.linear_cross_entropy(flat_h, self.output.weight, flat_t, fused=self.cfg.kernels)
+        return self.output.loss(h.reshape(targets.numel(), -1), targets.reshape(-1))
 
     # ----------------------------------------------------------------- accounting
 
@@ -239,61 +234,6 @@ class Transformer(nn.Module):
             matmul_params += self.output.weight.numel()
         matmul_params -= sum(p.numel() for n, p in self.named_parameters() if n.endswith("norm.weight"))
         return 6.0 * matmul_params + 12.0 * d.n_layers * d.dim * seq_len
-
-
-def compile_blocks(model: Transformer) -> None:
-    """torch.compile each transformer block in place (parameter names are unchanged, so
-    checkpoints and the optimizer do not notice). Per block rather than the whole model:
-    the blocks are identical, so one compilation serves all, and a pipeline stage compiles
-    only the blocks it owns."""
-    for block in model.layers.values():
-        block.compile()
-
-
-def local_slice(param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
-    """The part of ``full`` that ``param`` holds: all of it, or its tensor-parallel slice
-    (a sharded parameter carries ``_tp_shard_dim`` and ``_tp_shard_rank``)."""
-    dim = getattr(param, "_tp_shard_dim", None)
-    if dim is None:
-        return full
-    size = param.shape[dim]
-    return full.narrow(dim, param._tp_shard_rank * size, size)
-
-
-def build_model(cfg: ModelConfig, seed: int, device: str | torch.device = "cpu",
-                parallelize: Optional[Callable[[Transformer], None]] = None) -> Transformer:
-    """The model initialised from ``seed`` alone, so every layout (and a resumed or
-    tensor-parallel run) starts from the same weights.
-
-    ``parallelize`` cuts the model in place to this rank's part (a pipeline stage's
-    layers, tensor-parallel slices) before any weight exists: the model is laid out on the
-    meta device, cut, and only what remains is allocated and initialised, to the values the
-    full model would have, one full parameter at a time."""
-    generator = torch.Generator().manual_seed(seed)
-    if parallelize is None:
-        return Transformer(cfg, generator=generator).to(device)
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    order = [(name, p.shape) for name, p in model.named_parameters()]
-    parallelize(model)
-    _allocate(model)
-    model.set_rope_tables()
-    model.reset_parameters(generator, order=order)
-    return model.to(device)
-
-
-def _allocate(model: nn.Module) -> None:
-    """Give every meta parameter CPU storage, keeping ties and attributes (``to_empty`` makes
-    a new Parameter per module, which would untie a tied head and drop ``_tp_shard_dim``)."""
-    new: dict[nn.Parameter, nn.Parameter] = {}
-    for module in model.modules():
-        for name, p in module._parameters.items():
-            if p is None:
-                continue
-            if p not in new:
-                new[p] = nn.Parameter(torch.empty_like(p, device="cpu"), requires_grad=p.requires_grad)
-                new[p].__dict__.update(p.__dict__)
-            module._parameters[name] = new[p]
 
 
 def model_sizes(cfg: ModelConfig, seq_len: int) -> dict:

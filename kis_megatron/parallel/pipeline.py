@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from kis_megatron.config import ConfigError, ParallelConfig
+from kis_megatron.parallel.tensor_parallel import seq_multiple
 
 
 def stage_layer_ids(n_layers: int, n_stages: int, layers_per_stage: Optional[list[int]] = None) -> list[list[int]]:
@@ -68,7 +69,7 @@ class PipelineLayout:
 
     def prune(self, model: nn.Module) -> None:
         """Drop, in place, every part of the full model this rank's stages do not own (on
-        the meta device, before any weight is allocated: see ``build_model``)."""
+        the meta device, before any weight is allocated: see ``parallelize.build_model``)."""
         keep = {str(i) for i in self.owned_layers()}
         for key in [k for k in model.layers if k not in keep]:
             del model.layers[key]
@@ -190,12 +191,12 @@ class Pipeline:
         mean loss with ``targets``, on every rank of the pipeline, as ``model(tokens, targets)``."""
         model, layout = self.model, self.layout
         T = tokens.size(1)
-        pad = -T % model.seq_multiple
+        pad = -T % seq_multiple(model)
         if pad:
             tokens = torch.nn.functional.pad(tokens, (0, pad))
             if targets is not None:
                 targets = torch.nn.functional.pad(targets, (0, pad), value=-100)
-        shape = (tokens.size(0), tokens.size(1) // model.seq_multiple, model.dims.dim)
+        shape = (tokens.size(0), tokens.size(1) // seq_multiple(model), model.dims.dim)
         h = None
         for s in range(layout.n_stages):
             owner = layout.owner(s)

@@ -118,7 +118,7 @@ class VocabParallelEmbedding(nn.Module):
 
 class VocabParallelLMHead(nn.Module):
     """The LM head split by vocabulary rows. ``forward`` gives the full logits (all-gathered,
-    for probes and generation); ``cross_entropy`` the loss without gathering them."""
+    for probes and generation); ``loss`` the loss without gathering them (LMHead.loss)."""
 
     def __init__(self, linear: nn.Linear, group, fused: bool, weight: Optional[nn.Parameter] = None,
                  sequence_parallel: bool = False):
@@ -135,7 +135,7 @@ class VocabParallelLMHead(nn.Module):
     def forward(self, h):
         return gather_from_tp(F.linear(self._input(h), self.weight), self.group)
 
-    def cross_entropy(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return ops.linear_cross_entropy(self._input(h), self.weight, targets,
                                         fused=self.fused, group=self.group)
 
@@ -192,13 +192,13 @@ def apply_tp(model: nn.Module, tp_group, sequence_parallel: bool = False) -> nn.
     emb, head = model.tok_embeddings, model.output
     tied = emb is not None and head is not None and head.weight is emb.weight
     for block in model.layers.values():
-        attn, ffn = block.attn, block.ffn
-        for name in ("wq", "wk", "wv"):
-            setattr(attn, name, ColumnParallelLinear(getattr(attn, name), tp_group, sp))
-        attn.wo = RowParallelLinear(attn.wo, tp_group, sp)
-        ffn.w_gate = ColumnParallelLinear(ffn.w_gate, tp_group, sp)
-        ffn.w_up = ColumnParallelLinear(ffn.w_up, tp_group, sp)
-        ffn.w_down = RowParallelLinear(ffn.w_down, tp_group, sp)
+        for module in (block.attn, block.ffn):
+            for name in COLUMN:
+                if hasattr(module, name):
+                    setattr(module, name, ColumnParallelLinear(getattr(module, name), tp_group, sp))
+            for name in ROW:
+                if hasattr(module, name):
+                    setattr(module, name, RowParallelLinear(getattr(module, name), tp_group, sp))
         if sp:
             block.attn_norm = SequenceParallelNorm(block.attn_norm, tp_group)
             block.ffn_norm = SequenceParallelNorm(block.ffn_norm, tp_group)
@@ -210,8 +210,51 @@ def apply_tp(model: nn.Module, tp_group, sequence_parallel: bool = False) -> nn.
     if sp:
         if model.norm is not None:
             model.norm = SequenceParallelNorm(model.norm, tp_group)
-        model.seq_multiple = tp
+        _pad_sequences(model, tp)
     return model
+
+
+def seq_multiple(model: nn.Module) -> int:
+    """The multiple a sequence is padded to (tp under sequence parallelism, else 1)."""
+    return getattr(model, "_kis_seq_multiple", 1)
+
+
+def _pad_sequences(model: nn.Module, multiple: int) -> None:
+    """Sequence parallelism splits every sequence ``multiple`` ways: pad the tokens (and the
+    targets, with -100) to a multiple, and cut the logits back. Causal attention: padding
+    after a sequence never reaches its real positions. Replaces ``forward`` on the instance,
+    as recompute does: parameter names are unchanged."""
+    forward = model.forward
+
+    def padded(tokens: torch.Tensor, targets: Optional[torch.Tensor] = None):
+        T = tokens.size(1)
+        pad = -T % multiple
+        if T > model.cfg.max_seq_len or not pad:
+            return forward(tokens, targets)  # the model's own check names the limit
+        tokens = F.pad(tokens, (0, pad))
+        if targets is not None:
+            return forward(tokens, F.pad(targets, (0, pad), value=-100))
+        return forward(tokens)[:, :T]
+
+    model.forward = padded
+    model._kis_seq_multiple = multiple
+
+
+# The rule of which weight is cut along which dimension, stated once (the planner counts by it).
+COLUMN = ("wq", "wk", "wv", "w_gate", "w_up")  # cut by output rows: each rank a slice of heads / hidden
+ROW = ("wo", "w_down")  # cut by input columns; their outputs are summed across ranks
+
+
+def tp_shard_dim(name: str) -> Optional[int]:
+    """The dimension ``apply_tp`` cuts parameter ``name`` along (None: replicated, the norms)."""
+    parts = name.split(".")
+    if parts[0] in ("tok_embeddings", "output"):
+        return 0
+    if len(parts) >= 2 and parts[-2] in COLUMN:
+        return 0
+    if len(parts) >= 2 and parts[-2] in ROW:
+        return 1
+    return None
 
 
 # ---------------------------------------------------------------------------- clipping

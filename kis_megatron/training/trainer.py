@@ -1,7 +1,7 @@
 """The Trainer: one training run, built in the order the data flows (see Trainer).
 
 The loop: the infusion blender hands each data-parallel rank its slice of the global batch
-(``kis_megatron.data.stream``), the model returns the mean loss of each micro-batch, gradients
+(``kis_megatron.infusion.stream``), the model returns the mean loss of each micro-batch, gradients
 accumulate to the global batch, are clipped, and AdamW steps. Validation loss and retention
 probes run every ``eval.interval`` steps, checkpoints every ``checkpoint.interval`` steps;
 everything is logged to the run directory (``kis_megatron.run_dir``) and TensorBoard.
@@ -20,17 +20,17 @@ import torch
 import torch.distributed as dist
 
 from kis_megatron.config import Config, ConfigError
-from kis_megatron.data.stream import TrainStream, build_train_stream, build_validation_windows
+from kis_megatron.infusion.stream import TrainStream, build_train_stream, build_validation_windows
 from kis_megatron.errors import KisError
 from kis_megatron.interop.hf import load_init
 from kis_megatron.eval.probing import ProbeRunner
-from kis_megatron.model.llama import ModelDims, Transformer, build_model, compile_blocks, model_sizes
-from kis_megatron.model.recompute import apply_recompute
+from kis_megatron.model.llama import ModelDims, Transformer, model_sizes
 from kis_megatron import plan
-from kis_megatron.parallel.data_parallel import all_reduce_grads, apply_ddp, no_grad_sync
+from kis_megatron.parallel.data_parallel import all_reduce_grads, no_grad_sync
 from kis_megatron.parallel.dims import ParallelDims, any_rank, from_rank0, init_distributed
-from kis_megatron.parallel.pipeline import Pipeline, PipelineLayout, check_microbatches, tied_embedding_group
-from kis_megatron.parallel.tensor_parallel import apply_tp, check_tp, clip_grad_norm_
+from kis_megatron.parallel.parallelize import parallelize
+from kis_megatron.parallel.pipeline import check_microbatches
+from kis_megatron.parallel.tensor_parallel import check_tp, clip_grad_norm_
 from kis_megatron.run_dir import RunDir
 from kis_megatron.training.checkpoint import (CheckpointError, CheckpointManager, check_fits, damage,
                                                model_shapes, set_rng_state)
@@ -47,7 +47,7 @@ class Trainer:
     """Built in the order the data flows, each step from its own config sections: the
     processes and the device (``parallel``, ``train``), the run directory (``log``,
     ``checkpoint``: a new run or a resume), the data (``data``, ``infusion``), the model and
-    its parallel layout (``model``, ``parallel``), the optimizer (``train``), the resumed
+    its parallel layout (``model``, ``parallel``; parallel/parallelize.py), the optimizer (``train``), the resumed
     state (``checkpoint``) and the probes (``eval``)."""
 
     def __init__(self, cfg: Config):
@@ -58,7 +58,6 @@ class Trainer:
         resume_from = self._open_run_dir()
         self._build_data()
         self._build_model()
-        self._apply_parallelism()
         self._build_optimizer()
         self.step = 0
         self.nonfinite_steps = 0  # steps skipped so far because the loss or gradients were not finite
@@ -120,40 +119,19 @@ class Trainer:
 
     def _build_model(self) -> None:
         """This rank's part of the model (its pipeline stage's layers, cut tp ways), with the
-        values the full model has, on the device."""
-        cfg, t = self.cfg, self.cfg.train
-        torch.manual_seed(t.seed)
-        self.layout = (PipelineLayout(cfg.model.n_layers, cfg.parallel, self.dims.pp_rank)
-                       if self.dims.pp > 1 else None)
-
-        def parallelize(model: Transformer) -> None:
-            if self.layout is not None:
-                self.layout.prune(model)
-            apply_tp(model, self.tp_group, sequence_parallel=cfg.parallel.sp)
-
-        cut = self.layout is not None or self.tp_group is not None
-        self.model: Transformer = build_model(cfg.model, seed=t.seed, device="cpu",
-                                              parallelize=parallelize if cut else None)
-        if cfg.model.init_from:
-            load_init(self.model, cfg.model.init_from)
+        values the full model has, on the device, made ready to train in parallelize.py's
+        order (recompute, compile, then DDP or the pipeline schedule)."""
+        cfg = self.cfg
+        torch.manual_seed(cfg.train.seed)
+        init = cfg.model.init_from
+        part = parallelize(cfg, self.dims, self.device, self.accum,
+                           lambda: autocast_context(self.device, cfg.train.dtype),
+                           load_weights=(lambda model: load_init(model, init)) if init else None)
+        self.model: Transformer = part.model
+        self.train_module, self.pipeline = part.train_module, part.pipeline
         self.model_sizes = model_sizes(cfg.model, cfg.data.seq_len)  # of the whole model
-        self.model.to(self.device)
-        apply_recompute(self.model, t.recompute)
-        if t.compile:
-            compile_blocks(self.model)
-
-    def _apply_parallelism(self) -> None:
-        """The pipeline schedule over the stages, or DDP over the data-parallel ranks."""
-        cfg, layout = self.cfg, self.layout
-        self.pipeline: Optional[Pipeline] = None
-        if layout is not None:
-            tied = tied_embedding_group(self.dims) if cfg.model.tie_embeddings else None
-            self.pipeline = Pipeline(self.model, layout, self.dims.pp_group, self.accum, self.device,
-                                     lambda: autocast_context(self.device, cfg.train.dtype), tied_group=tied)
-            if tied is not None and not layout.has_first:  # the head's optimizer state is the embedding's
-                self.ckpt.optim_aliases = {"output.weight": "tok_embeddings.weight"}
-        else:
-            self.train_module = apply_ddp(self.model, self.dims, self.device)
+        if self.pipeline is not None and cfg.model.tie_embeddings and not self.pipeline.layout.has_first:
+            self.ckpt.optim_aliases = {"output.weight": "tok_embeddings.weight"}  # the embedding's state
         # What evaluation calls: model(tokens) -> logits, model(tokens, targets) -> mean loss.
         self.forward = self.pipeline or self.model
 

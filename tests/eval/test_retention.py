@@ -8,9 +8,9 @@ import random
 import pytest
 import torch
 
-from kis_megatron.data.knowledge import KnowledgeError, RelationTemplates, Triplet, \
+from kis_megatron.knowledge.triplets import KnowledgeError, RelationTemplates, Triplet, \
     make_knowledge_set
-from kis_megatron.data.worlds import default_configs, generate_worlds
+from kis_megatron.knowledge.worlds import default_configs, generate_worlds
 from kis_megatron.eval.retention import (ProbeItem, answer_span, build_probes,
                                          evaluate_retention, greedy_exact_match, load_probes,
                                          save_probes, score_probes, select_probes,

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from kis_megatron.config import ModelConfig, config_from_dict
-from kis_megatron.model.llama import Transformer, build_model, llama_ffn_dim
+from kis_megatron.model.llama import Transformer, llama_ffn_dim
+from kis_megatron.parallel.parallelize import build_model
 
 
 def tiny(**kw) -> ModelConfig:
@@ -153,7 +154,7 @@ _TRITON_CHILD = """
 import sys, torch
 from kis_kernels._triton import interpreter_active
 from kis_megatron.config import ModelConfig
-from kis_megatron.model.llama import build_model
+from kis_megatron.parallel.parallelize import build_model
 assert interpreter_active(), "triton is not interpreted"
 cfg = ModelConfig(**eval(sys.argv[1]))
 model = build_model(cfg, seed=1)

@@ -10,7 +10,7 @@ import torch
 
 from _corpus import ROOT, tiny_overrides, torchrun, train_rows as losses
 from kis_megatron.config import load_config
-from kis_megatron.model.llama import build_model
+from kis_megatron.parallel.parallelize import build_model
 from kis_megatron.training.trainer import Trainer
 from kis_megatron.training.checkpoint import CheckpointManager
 

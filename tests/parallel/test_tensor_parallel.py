@@ -83,7 +83,7 @@ LAYERS_SCRIPT = """
 import torch
 import torch.distributed as dist
 from kis_megatron.config import ModelConfig
-from kis_megatron.model.llama import build_model
+from kis_megatron.parallel.parallelize import build_model
 from kis_megatron.parallel.tensor_parallel import apply_tp, clip_grad_norm_, full_of
 
 dist.init_process_group("gloo")

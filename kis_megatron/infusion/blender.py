@@ -1,7 +1,7 @@
 """The infusion blender: global batches with an exact share of domain tokens.
 
 Each optimizer step draws ``global_batch`` windows of ``seq_len + 1`` tokens, each from
-the general source or one of the domain sources. The plan (kis_megatron.data.schedule)
+the general source or one of the domain sources. The plan (kis_megatron.infusion.schedule)
 keeps every domain's cumulative token count within ``seq_len`` tokens (one sample) of
 its scheduled target after every step, spreads domain samples through the batch so each
 data-parallel slice gets its share, and is pure index arithmetic: every rank computes
@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from kis_megatron.data.errors import InfusionError, check_int
-from kis_megatron.data.infusion_source import TokenWindowSource, WindowExposures, stable_name_hash
-from kis_megatron.data.schedule import RatioTargets, Schedule
+from kis_megatron.infusion.source import TokenWindowSource, WindowExposures, stable_name_hash
+from kis_megatron.infusion.schedule import RatioTargets, Schedule
 
 __all__ = [
     "Batch",

@@ -15,7 +15,7 @@ majority answer helps a model guess. No punctuation touches a name or an object 
 template, so a word-level tokenizer sees the same tokens in training text as in the probes
 (a probe scores " " + object, and "Velton." would be another word than "Velton").
 
-The output is a :class:`~kis_megatron.data.knowledge.KnowledgeSet` per world; rendering and
+The output is a :class:`~kis_megatron.knowledge.triplets.KnowledgeSet` per world; rendering and
 probes are separate steps (``render_documents``, ``kis_megatron.eval.retention``), and
 ``tools/make_knowledge.py`` writes them all to disk.
 """
@@ -26,7 +26,7 @@ import math
 import random
 from dataclasses import dataclass, field
 
-from kis_megatron.data.knowledge import (KnowledgeError, KnowledgeSet, RelationTemplates,
+from kis_megatron.knowledge.triplets import (KnowledgeError, KnowledgeSet, RelationTemplates,
                                          Triplet, make_knowledge_set)
 
 KINDS = ("general", "domain")

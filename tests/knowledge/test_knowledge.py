@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from kis_megatron.data.knowledge import (KnowledgeError, RelationTemplates, Triplet,
+from kis_megatron.knowledge.triplets import (KnowledgeError, RelationTemplates, Triplet,
                                          derive_questions, fill,
                                          load_knowledge_set, load_templates, load_triplets,
                                          make_knowledge_set, parse_templates, render_documents,

@@ -6,7 +6,7 @@ documents whose fact label (``prefix.doclabels.npy``, written by
 :class:`DocumentSubset`, a view with the shard interface ``TokenWindowSource`` reads
 (``len``, ``sizes``, ``get(i, offset, length)``) that copies no tokens. The facts of level
 F are the first F of every larger level; generated worlds number facts entity by entity
-(``kis_megatron.data.worlds``), so a prefix of facts is a prefix of whole entities.
+(``kis_megatron.knowledge.worlds``), so a prefix of facts is a prefix of whole entities.
 """
 
 from __future__ import annotations

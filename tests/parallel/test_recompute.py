@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from kis_megatron.config import ModelConfig
-from kis_megatron.model.llama import build_model, compile_blocks
-from kis_megatron.model.recompute import apply_recompute
+from kis_megatron.parallel.parallelize import build_model, compile_blocks
+from kis_megatron.parallel.recompute import apply_recompute
 from kis_megatron.training.memory import LiveTensorBytes
 
 CFG = ModelConfig(vocab_size=97, dim=48, n_layers=3, n_heads=6, n_kv_heads=2, max_seq_len=32)

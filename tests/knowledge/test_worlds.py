@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from kis_megatron.data.knowledge import (KnowledgeError, load_knowledge_set, parse_templates,
+from kis_megatron.knowledge.triplets import (KnowledgeError, load_knowledge_set, parse_templates,
                                          render_documents, templates_to_yaml)
-from kis_megatron.data.worlds import (DOMAIN_RELATIONS, GENERAL_RELATIONS, WorldConfig,
+from kis_megatron.knowledge.worlds import (DOMAIN_RELATIONS, GENERAL_RELATIONS, WorldConfig,
                                       configs_from_dict, default_configs, generate_worlds)
 
 ROOT = Path(__file__).resolve().parents[2]

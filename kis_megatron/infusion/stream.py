@@ -4,7 +4,7 @@ Opens the general and domain shards, checks them against the model's vocabulary 
 tokenizer (and against each other: every shard's sidecar must name the same tokenizer), builds
 the infusion blender (ratio 0 and no domain = plain pretraining) and wraps it for one
 data-parallel rank. With ``infusion.facts`` = F the domain stream holds only the documents
-of facts 0 .. F-1 (a view, ``kis_megatron.data.fact_subset``). Every batch's token ids are
+of facts 0 .. F-1 (a view, ``kis_megatron.infusion.fact_subset``). Every batch's token ids are
 checked against the vocabulary as it is read (one max per row), so a corrupt id is an error
 naming its shard, not an index error in the model. Validation windows come from ``data.valid``.
 """
@@ -19,11 +19,11 @@ import torch
 
 from kis_megatron.config import ConfigError, DataConfig, InfusionConfig
 from kis_megatron.data.errors import DataError
-from kis_megatron.data.fact_subset import first_facts
+from kis_megatron.infusion.fact_subset import first_facts
 from kis_megatron.data.indexed_dataset import IndexedDataset, check_vocab, load_doc_labels, read_meta
-from kis_megatron.data.infusion import Batch, InfusionBlender
-from kis_megatron.data.infusion_source import TokenWindowSource
-from kis_megatron.data.schedule import Schedule
+from kis_megatron.infusion.blender import Batch, InfusionBlender
+from kis_megatron.infusion.source import TokenWindowSource
+from kis_megatron.infusion.schedule import Schedule
 from kis_megatron.data.tokenizer import Tokenizer
 
 

@@ -14,8 +14,8 @@
 Both use ``torch.utils.checkpoint`` (non-reentrant), by replacing the ``forward`` of the
 block (or of its ``attn.core``) on the instance: module structure and parameter names are
 unchanged, so checkpoints, tensor/pipeline parallelism and the optimizer do not notice.
-Apply after tensor parallelism and before ``compile_blocks`` (torch.compile traces the
-checkpoint as one region) and data parallelism. Nothing is recomputed without autograd
+Applied in parallelize.py's order: after tensor parallelism, before ``compile_blocks``
+(torch.compile traces the checkpoint as one region) and data parallelism. Nothing is recomputed without autograd
 (evaluation). The model has no dropout, so the RNG state is not saved and restored.
 """
 

@@ -13,9 +13,9 @@ import pytest
 
 from kis_megatron.config import ConfigError, load_config
 from kis_megatron.data.errors import DataError
-from kis_megatron.data.fact_subset import DocumentSubset
+from kis_megatron.infusion.fact_subset import DocumentSubset
 from kis_megatron.data.indexed_dataset import IndexedDataset, IndexedDatasetWriter, write_doc_labels
-from kis_megatron.data.stream import build_train_stream
+from kis_megatron.infusion.stream import build_train_stream
 
 FACTS, RENDERS, SEQ = 30, 3, 16
 BASE = 1000  # fact f: tokens BASE + f; no fact: BASE + 500; general: < BASE
@@ -122,7 +122,7 @@ def test_fact_ids_with_a_gap_are_refused(tmp_path):
         for f in (0, 1, 3, 4):
             w.add_document(np.full(20, BASE + f))
     write_doc_labels(prefix, [0, 1, 3, 4])
-    from kis_megatron.data.fact_subset import first_facts
+    from kis_megatron.infusion.fact_subset import first_facts
 
     ds = IndexedDataset(prefix)
     assert len(first_facts(ds, [0, 1, 3, 4], 2)[0]) == 2

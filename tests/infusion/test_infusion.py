@@ -22,8 +22,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kis_megatron.data.errors import InfusionError
-from kis_megatron.data.infusion import InfusionBlender, Schedule, TokenWindowSource
-from kis_megatron.data.schedule import RatioTargets
+from kis_megatron.infusion.blender import InfusionBlender, Schedule, TokenWindowSource
+from kis_megatron.infusion.schedule import RatioTargets
 
 # The plan tracks targets summed in float64; vs. exact sums that adds rounding only.
 EPS = 1e-9
@@ -187,7 +187,7 @@ def test_doc_order_is_deterministic_and_varies_by_epoch_and_name():
 def test_doc_order_is_the_same_in_another_process():
     code = "\n".join([
         "import numpy as np",
-        "from kis_megatron.data.infusion import TokenWindowSource",
+        "from kis_megatron.infusion.blender import TokenWindowSource",
         "class S:",
         "    sizes = np.full(40, 3, np.int32)",
         "    def __len__(self): return 40",
@@ -420,7 +420,7 @@ def test_exposure_stats_match_a_recount_of_consumed_windows():
 @settings(max_examples=40, deadline=None)
 @given(n=st.integers(1, 6), steps=st.lists(st.lists(st.integers(0, 5), max_size=12), max_size=30))
 def test_fact_counter_min_max_match_a_full_recount(n, steps):
-    from kis_megatron.data.infusion import _FactCounter
+    from kis_megatron.infusion.blender import _FactCounter
 
     counter, ref = _FactCounter(np.zeros(n, dtype=np.int64)), np.zeros(n, dtype=np.int64)
     for t, step in enumerate(steps):
