@@ -20,40 +20,69 @@ import yaml
 
 from kis_megatron.errors import KisError
 from kis_megatron.model.presets import PRESETS
-from kis_megatron.utils import atomic_write_text
+from kis_megatron.utils import atomic_write_text, read_yaml
 
 
 class ConfigError(KisError, ValueError):
     """A configuration the user must fix; the message names the offending key."""
 
 
+INFUSION_KINDS = ("ratio", "domain_facts", "custom")
+
+
+def num(default, domain: str):
+    """A numeric field and the values it may take, checked with its key's name by
+    ``validate``: ``"> 0"``, ``">= 1"``, or an interval such as ``"[0, 1)"``. None (an
+    optional field left unset) is always allowed."""
+    _domain_test(domain)  # a malformed domain is a bug here, found at import
+    return field(default=default, metadata={"domain": domain})
+
+
+def choice(default: str, choices: tuple[str, ...]):
+    """A string field that must be one of ``choices``."""
+    return field(default=default, metadata={"choices": choices})
+
+
+def _domain_test(domain: str):
+    """A predicate for a domain string of ``num``."""
+    d = domain.replace(" ", "")
+    for op, test in ((">=", lambda v, b: v >= b), (">", lambda v, b: v > b)):
+        if d.startswith(op):
+            bound = float(d[len(op):])
+            return lambda v: test(v, bound)
+    if d[0] in "[(" and d[-1] in "])":
+        lo, hi = map(float, d[1:-1].split(","))
+        return lambda v: (v >= lo if d[0] == "[" else v > lo) and (v <= hi if d[-1] == "]" else v < hi)
+    raise ValueError(f"malformed domain {domain!r}")
+
+
 @dataclass
 class ModelConfig:
     preset: Optional[str] = None  # fills the size fields below; explicit keys still win
-    vocab_size: int = 32000
-    dim: int = 256
-    n_layers: int = 4
-    n_heads: int = 4
-    n_kv_heads: Optional[int] = None  # None = n_heads (plain multi-head attention)
-    ffn_dim: Optional[int] = None  # None = Llama rule: 2/3 * 4 * dim, rounded up to 64
-    max_seq_len: int = 2048
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
+    vocab_size: int = num(32000, ">= 1")
+    dim: int = num(256, ">= 1")
+    n_layers: int = num(4, ">= 1")
+    n_heads: int = num(4, ">= 1")
+    n_kv_heads: Optional[int] = num(None, ">= 1")  # None = n_heads (plain multi-head attention)
+    ffn_dim: Optional[int] = num(None, ">= 1")  # None = Llama rule: 2/3 * 4 * dim, rounded up to 64
+    max_seq_len: int = num(2048, ">= 1")
+    rope_theta: float = num(10000.0, "> 0")
+    norm_eps: float = num(1e-5, "> 0")
     tie_embeddings: bool = False
-    init_std: float = 0.02
+    init_std: float = num(0.02, "> 0")
     kernels: bool = True  # fused ops (Triton on CUDA); False = plain PyTorch everywhere
     init_from: Optional[str] = None  # "hf:DIR": start from a Hugging Face Llama checkpoint
 
 
 @dataclass
 class ParallelConfig:
-    tp: int = 1
-    pp: int = 1
-    vpp: int = 1  # virtual pipeline stages per rank (interleaved 1F1B when > 1)
+    tp: int = num(1, ">= 1")
+    pp: int = num(1, ">= 1")
+    vpp: int = num(1, ">= 1")  # virtual pipeline stages per rank (interleaved 1F1B when > 1)
     sp: bool = False  # sequence parallelism: norms and residuals split along the sequence
     pp_layers: list[int] = field(default_factory=list)  # layers per (virtual) stage; [] = even
     zero1: bool = False  # shard AdamW's state across data-parallel ranks (ZeRO stage 1)
-    timeout_s: int = 600  # longest wait on a collective before a rank gives up (a dead peer)
+    timeout_s: int = num(600, ">= 1")  # longest wait on a collective before a rank gives up (a dead peer)
 
 
 @dataclass
@@ -61,77 +90,80 @@ class DataConfig:
     train: Optional[str] = None  # shard prefix (path without .bin/.idx) of the general stream
     valid: Optional[str] = None  # shard prefix for validation loss; None = no validation loss
     tokenizer: Optional[str] = None  # sentencepiece .model; checked against the shards
-    seq_len: int = 256
+    seq_len: int = num(256, ">= 1")
 
 
 @dataclass
 class DomainSourceConfig:
     name: str = "domain"
     path: str = ""
-    ratio: float = 0.0
+    ratio: float = num(0.0, "(0, 1)")
 
 
 @dataclass
 class InfusionConfig:
-    ratio: float = 0.0  # fraction of training tokens drawn from `domain`
+    ratio: float = num(0.0, "[0, 1)")  # fraction of training tokens drawn from `domain`
     domain: Optional[str] = None  # shard prefix of the domain stream
     domains: list[DomainSourceConfig] = field(default_factory=list)  # several domains
-    schedule: str = "constant"  # constant | window | steps
-    window_start: float = 0.0  # fractions of training, for schedule=window
-    window_end: float = 1.0
+    schedule: str = choice("constant", ("constant", "window", "steps"))
+    window_start: float = num(0.0, "[0, 1]")  # fractions of training, for schedule=window
+    window_end: float = num(1.0, "[0, 1]")
     ratio_steps: dict[int, float] = field(default_factory=dict)  # step -> ratio, schedule=steps
     repeat: bool = True  # let the domain source repeat when the ratio asks for more tokens
-    kind: str = "ratio"  # which knob a study varies: ratio | domain_facts | exposures | ...
-    # The knob's value, for the law tools; default: `facts` when kind is domain_facts and
-    # facts is set, else the ratio.
-    value: Optional[float] = None
+    # Which knob a study varies, and so the infusion value run.json records for the law
+    # tools: ratio (the domain ratio), domain_facts (the number of domain facts the blender
+    # infuses: infusion.facts, or every fact of the shard), custom (a knob of your own, its
+    # value given in infusion.value).
+    kind: str = choice("ratio", INFUSION_KINDS)
+    value: Optional[float] = None  # kind=custom: the knob's value; otherwise derived, leave unset
     # Infuse only the first `facts` facts of `domain` (its documents labelled 0..facts-1 by
     # --doc-key fact_id) at the same ratio; None = every fact. Probes named `domain` follow.
-    facts: Optional[int] = None
+    facts: Optional[int] = num(None, ">= 1")
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 1000
-    global_batch: int = 32  # sequences per optimizer step, over all data-parallel ranks
-    micro_batch: int = 8  # sequences per forward/backward on one rank
-    seed: int = 1234
-    lr: float = 3e-4
-    min_lr: float = 3e-5
-    warmup_steps: int = 100
-    schedule: str = "cosine"  # cosine | wsd | constant
-    decay_frac: float = 0.2  # WSD: fraction of steps spent in the final decay
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    grad_clip: float = 1.0  # 0 disables clipping
+    steps: int = num(1000, ">= 1")
+    global_batch: int = num(32, ">= 1")  # sequences per optimizer step, over all data-parallel ranks
+    micro_batch: int = num(8, ">= 1")  # sequences per forward/backward on one rank
+    seed: int = num(1234, "[0, 4294967295]")  # numpy's seeds are 32-bit unsigned
+    lr: float = num(3e-4, "> 0")
+    min_lr: float = num(3e-5, ">= 0")
+    warmup_steps: int = num(100, ">= 0")
+    schedule: str = choice("cosine", ("cosine", "wsd", "constant"))
+    decay_frac: float = num(0.2, "(0, 1]")  # WSD: fraction of steps spent in the final decay
+    weight_decay: float = num(0.1, ">= 0")
+    beta1: float = num(0.9, "[0, 1)")
+    beta2: float = num(0.95, "[0, 1)")
+    eps: float = num(1e-8, "> 0")
+    grad_clip: float = num(1.0, ">= 0")  # 0 disables clipping
     # Steps whose loss or gradient norm is not finite that may be skipped (no update) before
     # the run stops as diverged; 0 = stop at the first one.
-    skip_nonfinite_steps: int = 0
-    device: str = "auto"  # auto | cpu | cuda
-    dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
-    threads: int = 0  # torch intra-op threads on CPU; 0 = leave torch's default
-    stop_after: int = 0  # end this job after that step (checkpointed), e.g. under a time limit
+    skip_nonfinite_steps: int = num(0, ">= 0")
+    device: str = choice("auto", ("auto", "cpu", "cuda"))
+    dtype: str = choice("auto", ("auto", "fp32", "bf16"))  # auto: bf16 autocast on CUDA, fp32 on CPU
+    threads: int = num(0, ">= 0")  # torch intra-op threads on CPU; 0 = leave torch's default
+    stop_after: int = num(0, ">= 0")  # end this job after that step (checkpointed), e.g. under a time limit
     compile: bool = False  # torch.compile each transformer block (torchtitan's per-block style)
-    recompute: str = "none"  # activations recomputed in backward: none | selective | full
+    # activations recomputed in backward: none | selective (the attention core) | full (each block)
+    recompute: str = choice("none", ("none", "selective", "full"))
 
 
 @dataclass
 class EvalConfig:
-    interval: int = 0  # steps between evaluations; 0 = only at the end
-    val_batches: int = 4  # micro-batches of validation loss
+    interval: int = num(0, ">= 0")  # steps between evaluations; 0 = only at the end
+    val_batches: int = num(4, ">= 1")  # micro-batches of validation loss (of data.valid)
     probes: dict[str, str] = field(default_factory=dict)  # name -> probe file (general, domain)
-    probe_style: str = "recall"  # which style `retention/*` reports: recall | heldout
-    probe_batch: int = 64
+    probe_style: str = choice("recall", ("recall", "heldout"))  # which style `retention/*` reports
+    probe_batch: int = num(64, ">= 1")
     exact_match: bool = False  # also greedy generation exact match (slower)
-    max_probes: int = 0  # at most this many facts per probe set (fixed hash ranking); 0 = all
+    max_probes: int = num(0, ">= 0")  # at most this many facts per probe set (fixed hash ranking); 0 = all
 
 
 @dataclass
 class CheckpointConfig:
-    interval: int = 0  # steps between checkpoints; 0 = only at the end
-    keep: int = 2  # keep the last K checkpoints
+    interval: int = num(0, ">= 0")  # steps between checkpoints; 0 = only at the end
+    keep: int = num(2, ">= 1")  # keep the last K checkpoints
     resume: str = "none"  # none | auto | path to a checkpoint directory
     save_final: bool = True
 
@@ -139,9 +171,9 @@ class CheckpointConfig:
 @dataclass
 class LogConfig:
     dir: str = "runs/default"  # the run directory
-    interval: int = 10  # steps between plain progress lines and metrics lines
+    interval: int = num(10, ">= 1")  # steps between plain progress lines and metrics lines
     tensorboard: bool = True
-    progress: str = "auto"  # auto (bar on a terminal, lines otherwise) | bar | lines | none
+    progress: str = choice("auto", ("auto", "bar", "lines", "none"))  # auto: a bar on a terminal
 
 
 @dataclass
@@ -169,10 +201,7 @@ def load_config(path: Optional[str | Path] = None, overrides: list[str] = ()) ->
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        raw = read_yaml(path, ConfigError, "the config") or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
     for item in overrides:
@@ -184,9 +213,6 @@ def config_from_dict(raw: dict) -> Config:
     raw = _with_preset(raw)
     cfg = _build(Config, raw, prefix="")
     validate(cfg)
-    inf = cfg.infusion
-    if inf.kind == "domain_facts" and inf.value is None and inf.facts is not None:
-        inf.value = float(inf.facts)  # the knob's value for the law tools (run.json)
     return cfg
 
 
@@ -292,51 +318,104 @@ def _check(cond: bool, key: str, msg: str) -> None:
         raise ConfigError(f"{key}: {msg}")
 
 
+def check_fields(obj, prefix: str = "") -> None:
+    """Every field's own domain (``num``) and choices (``choice``), in nested sections and
+    lists of them too, each error naming the key and the value given."""
+    for f in dataclasses.fields(obj):
+        key, value = f"{prefix}{f.name}", getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            check_fields(value, f"{key}.")
+        elif isinstance(value, list) and value and dataclasses.is_dataclass(value[0]):
+            for i, item in enumerate(value):
+                check_fields(item, f"{key}[{i}].")
+        elif value is None:
+            continue
+        elif "domain" in f.metadata and not _domain_test(f.metadata["domain"])(value):
+            domain = f.metadata["domain"]
+            where = f"must be {domain}" if domain[0] in "<>" else f"must lie in {domain}"
+            raise ConfigError(f"{key}={value!r}: {where}")
+        elif "choices" in f.metadata and value not in f.metadata["choices"]:
+            raise ConfigError(f"{key}={value!r}: must be one of {', '.join(f.metadata['choices'])}")
+
+
 def validate(cfg: Config) -> None:
-    """Checks of values that types alone cannot catch; each names its key."""
+    """Each key's own domain (see the dataclasses), then the checks that relate keys; every
+    message names its key."""
+    check_fields(cfg)
     m, t = cfg.model, cfg.train
-    for k in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len"):
-        _check(getattr(m, k) > 0, f"model.{k}", "must be positive")
     kv = m.n_kv_heads or m.n_heads
     _check(m.dim % m.n_heads == 0, "model.dim", f"{m.dim} is not divisible by n_heads={m.n_heads}")
     _check((m.dim // m.n_heads) % 2 == 0, "model.dim", "head dim (dim / n_heads) must be even for RoPE")
-    _check(kv > 0 and m.n_heads % kv == 0, "model.n_kv_heads",
+    _check(m.n_heads % kv == 0, "model.n_kv_heads",
            f"n_heads={m.n_heads} must be a multiple of n_kv_heads={kv}")
-    for k in ("tp", "pp", "vpp", "timeout_s"):
-        _check(getattr(cfg.parallel, k) >= 1, f"parallel.{k}", "must be >= 1")
     _validate_layout(cfg)
-    _check(cfg.data.seq_len > 0, "data.seq_len", "must be positive")
     _check(cfg.data.seq_len <= m.max_seq_len, "data.seq_len",
            f"{cfg.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
-    _check(t.steps > 0, "train.steps", "must be positive")
-    _check(t.micro_batch > 0, "train.micro_batch", "must be positive")
-    _check(t.global_batch > 0 and t.global_batch % t.micro_batch == 0, "train.global_batch",
-           f"{t.global_batch} must be a positive multiple of train.micro_batch={t.micro_batch}")
-    _check(t.lr > 0, "train.lr", f"{t.lr} must be > 0")
-    _check(0 <= t.min_lr <= t.lr, "train.min_lr", f"{t.min_lr} must be in [0, train.lr={t.lr}]")
-    _check(0 <= t.warmup_steps, "train.warmup_steps", "must be >= 0")
-    _check(t.schedule in ("cosine", "wsd", "constant"), "train.schedule",
-           f"{t.schedule!r} is not one of cosine, wsd, constant")
-    _check(0 < t.decay_frac <= 1, "train.decay_frac", "must be in (0, 1]")
-    _check(t.device in ("auto", "cpu", "cuda"), "train.device", "must be auto, cpu or cuda")
-    _check(t.dtype in ("auto", "fp32", "bf16"), "train.dtype", "must be auto, fp32 or bf16")
-    _check(t.grad_clip >= 0, "train.grad_clip", "must be >= 0")
-    _check(t.recompute in ("none", "selective", "full"), "train.recompute",
-           f"{t.recompute!r} is not one of none, selective (the attention core), full (each block)")
-    _check(0 <= t.stop_after, "train.stop_after", "must be >= 0 (0 = run to train.steps)")
-    _check(0 <= t.skip_nonfinite_steps, "train.skip_nonfinite_steps", "must be >= 0")
-    _check(0 <= cfg.infusion.ratio < 1, "infusion.ratio", f"{cfg.infusion.ratio} is outside [0, 1)")
-    _check(cfg.infusion.schedule in ("constant", "window", "steps"), "infusion.schedule",
-           f"{cfg.infusion.schedule!r} is not one of constant, window, steps")
-    _validate_facts(cfg.infusion)
-    _check(cfg.eval.interval >= 0, "eval.interval", "must be >= 0")
-    _check(cfg.eval.max_probes >= 0, "eval.max_probes", "must be >= 0 (0 = every probe)")
-    _check(cfg.eval.probe_style in ("recall", "heldout"), "eval.probe_style", "must be recall or heldout")
-    _check(cfg.checkpoint.interval >= 0, "checkpoint.interval", "must be >= 0")
-    _check(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
-    _check(cfg.log.interval >= 1, "log.interval", "must be >= 1")
-    _check(cfg.log.progress in ("auto", "bar", "lines", "none"), "log.progress",
-           "must be auto, bar, lines or none")
+    _check(t.global_batch % t.micro_batch == 0, "train.global_batch",
+           f"{t.global_batch} must be a multiple of train.micro_batch={t.micro_batch}")
+    _check(t.min_lr <= t.lr, "train.min_lr", f"{t.min_lr} must be at most train.lr={t.lr}")
+    _validate_infusion(cfg.infusion)
+
+
+def _validate_infusion(inf: InfusionConfig) -> None:
+    """Every infusion knob set must take effect, and none may contradict another, so that
+    run.json records what the blender realises."""
+    _check(not (inf.domain and inf.domains), "infusion.domains",
+           "set either infusion.domain (one domain, its ratio infusion.ratio) or infusion.domains "
+           "(several, each with its ratio), not both")
+    if inf.domains:
+        _check(inf.ratio == 0, "infusion.ratio",
+               f"{inf.ratio} applies to infusion.domain; with infusion.domains each source has its ratio")
+        names = [s.name for s in inf.domains]
+        _check(len(set(names)) == len(names), "infusion.domains", f"names repeat: {names}")
+        _check(all(s.path for s in inf.domains), "infusion.domains", "every source needs a path")
+        _check(sum(s.ratio for s in inf.domains) < 1, "infusion.domains",
+               f"the ratios sum to {sum(s.ratio for s in inf.domains):g}; they must sum below 1")
+    s = inf.schedule
+    _check(s == "window" or (inf.window_start, inf.window_end) == (0.0, 1.0), "infusion.window_start",
+           f"infusion.window_start/window_end apply to infusion.schedule=window, not {s}")
+    _check(s == "steps" or not inf.ratio_steps, "infusion.ratio_steps",
+           f"applies to infusion.schedule=steps, not {s}")
+    if s == "window":
+        _check(inf.window_start < inf.window_end, "infusion.window_end",
+               f"{inf.window_end} must be above infusion.window_start={inf.window_start}")
+    if s == "steps":
+        _check(bool(inf.ratio_steps), "infusion.ratio_steps", "schedule=steps needs step: ratio entries")
+        for step, r in inf.ratio_steps.items():
+            _check(step >= 0 and 0 <= r < 1, f"infusion.ratio_steps.{step}",
+                   f"{r}: steps must be >= 0 and ratios in [0, 1)")
+    trains_domain = inf.ratio > 0 or (s == "steps" and any(r > 0 for r in inf.ratio_steps.values()))
+    _validate_facts(inf, trains_domain)
+    if inf.domain:
+        _check(trains_domain, "infusion.domain",
+               f"is set but infusion.ratio={inf.ratio}: no domain token would be trained; set "
+               "infusion.ratio > 0, or leave infusion.domain unset")
+    if inf.kind == "ratio":
+        _check(inf.value is None or inf.value == infusion_value(inf), "infusion.value",
+               f"{inf.value} contradicts infusion.kind=ratio, whose value is the domain ratio "
+               f"({infusion_value(inf):g}); leave infusion.value unset, or set infusion.kind=custom "
+               "for a knob of your own")
+    elif inf.kind == "domain_facts":
+        _check(bool(inf.domain), "infusion.kind",
+               "domain_facts counts the facts of one infusion.domain; set infusion.domain")
+        _check(inf.value is None or inf.facts is None or inf.value == inf.facts, "infusion.value",
+               f"{inf.value} contradicts infusion.facts={inf.facts}, the number of facts infused; "
+               "leave infusion.value unset")
+    else:
+        _check(inf.value is not None, "infusion.value",
+               "infusion.kind=custom records the value of your own knob: set infusion.value")
+
+
+def infusion_value(inf: InfusionConfig) -> Optional[float]:
+    """The infusion value run.json records, as far as the config alone determines it: the
+    ratio (the sum over infusion.domains) for kind=ratio, infusion.facts (or a given value)
+    for kind=domain_facts (None: every fact of the shard, counted by the blender),
+    infusion.value for kind=custom."""
+    if inf.kind == "ratio":
+        return float(sum(s.ratio for s in inf.domains) if inf.domains else inf.ratio)
+    if inf.kind == "domain_facts":
+        return float(inf.facts) if inf.facts is not None else inf.value
+    return inf.value
 
 
 # Keys a resumed run may set differently from its run directory's config.yaml: they change
@@ -359,8 +438,8 @@ RESUMABLE_KEYS = (
 def resume_conflicts(saved: Config, cfg: Config) -> list[tuple[str, Any, Any]]:
     """(key, saved value, new value) of every setting of ``cfg`` that differs from the
     run's ``saved`` config and is not in RESUMABLE_KEYS."""
-    old, out = saved.to_dict(), []
-    for section, values in cfg.to_dict().items():
+    old, out = _canonical(saved.to_dict()), []
+    for section, values in _canonical(cfg.to_dict()).items():
         for name, value in values.items():
             key = f"{section}.{name}"
             if value != old[section][name] and key not in RESUMABLE_KEYS \
@@ -369,20 +448,35 @@ def resume_conflicts(saved: Config, cfg: Config) -> list[tuple[str, Any, Any]]:
     return out
 
 
-def _validate_facts(inf: InfusionConfig) -> None:
+def _canonical(d: dict) -> dict:
+    """A config as resume compares it: before 2026-12-04 a domain_facts run saved its
+    infusion.facts as infusion.value too, which is now left unset."""
+    inf = d["infusion"]
+    if inf["kind"] == "domain_facts" and inf["value"] is not None and inf["value"] == inf["facts"]:
+        d["infusion"] = {**inf, "value": None}
+    return d
+
+
+def config_yaml(cfg: Config) -> str:
+    """The fully resolved config as YAML text (config.yaml's content)."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def _validate_facts(inf: InfusionConfig, trains_domain: bool) -> None:
     """infusion.facts: the checks that need no shard (those are in infusion.stream)."""
     if inf.facts is None:
         return
-    _check(inf.facts >= 1, "infusion.facts", f"{inf.facts} must be >= 1 (or unset for every fact)")
     _check(not inf.domains, "infusion.facts",
            "applies to one infusion.domain; it cannot be used with infusion.domains")
     _check(bool(inf.domain), "infusion.facts",
            "needs infusion.domain (the shard whose facts it counts)")
+    _check(trains_domain, "infusion.facts",
+           f"{inf.facts} has no effect with infusion.ratio={inf.ratio}: no domain token is trained")
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the fully resolved config as YAML (atomically)."""
-    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    atomic_write_text(path, config_yaml(cfg))
 
 
 def _validate_layout(cfg: Config) -> None:

@@ -53,7 +53,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.plan:
             return plan.run(cfg, args)
         train(cfg)
-    except (KisError, KernelBackendError) as e:  # a traceback past here is a bug
+    except (KisError, KernelBackendError, OSError) as e:  # OSError: the file system refused; any other traceback past here is a bug
         return exit_with(e)
     except KeyboardInterrupt:
         print("interrupted; resume with checkpoint.resume=auto", file=sys.stderr)

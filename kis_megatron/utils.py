@@ -6,8 +6,12 @@ that every error names the file and the line: the one way the whole package does
   old file or the new one, never a mix. The temporary file is created like any other file
   (``open(..., "x")``: the usual permissions under the umask) and its name never looks
   like the target's (``.NAME.<pid>-<random>.tmp``).
+- :func:`refuse_to_replace`: the one check every writer of a user's outputs makes first
+  (tokenizer, shards, worlds, exports): what exists is replaced only when asked (``--force``).
 - :func:`staging_dir` / :func:`publish_dir`: the same for a directory of files: it is
   filled under a temporary name beside its final place, then renamed into place whole.
+- :func:`read_yaml`: a YAML file whose mappings may not repeat a key (PyYAML alone keeps the
+  last silently, so a duplicated section would drop half a config).
 - :func:`read_lines` / :func:`read_jsonl`: UTF-8 (an optional BOM), LF, CRLF or CR line
   ends, decoded line by line so a bad byte is reported at its own line, streamed so a large
   corpus is never held in memory; each error is ``error("FILE:LINE: what")`` of the error
@@ -24,6 +28,10 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
+import yaml
+
+from kis_megatron.errors import KisError
+
 
 # ---------------------------------------------------------------------------- writing
 
@@ -34,6 +42,21 @@ def temp_path(path: str | os.PathLike, suffix: str = ".tmp") -> Path:
     another name a reader looks for."""
     path = Path(path)
     return path.parent / f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}{suffix}"
+
+
+class OutputExists(KisError):
+    """An output that would replace an existing file or folder without being asked to."""
+
+
+def refuse_to_replace(paths, force: bool = False, flag: str = "--force") -> None:
+    """Raise :class:`OutputExists` naming every one of ``paths`` that exists (a file, a link,
+    or a folder that is not empty), unless ``force``."""
+    existing = [os.fspath(p) for p in paths
+                if os.path.lexists(p) and not (os.path.isdir(p) and not os.listdir(p))]
+    if existing and not force:
+        raise OutputExists(f"{', '.join(existing)} already exist{'s' if len(existing) == 1 else ''}; "
+                           f"nothing was written: choose another output, or pass {flag} to replace "
+                           f"{'it' if len(existing) == 1 else 'them'}")
 
 
 def atomic_write(path: str | os.PathLike, write: Callable) -> None:
@@ -153,3 +176,48 @@ def read_jsonl(path: str | os.PathLike, error: type[Exception], hint: str = "", 
             raise error(f"{os.fspath(path)}:{lineno}: invalid JSON ({e.msg} at column "
                         f"{e.colno}){hint}") from None
         yield lineno, value
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a mapping with a repeated key."""
+
+
+def _construct_unique_mapping(loader, node, deep=False):
+    seen: dict = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        line = key_node.start_mark.line + 1
+        try:
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice (lines {seen[key]} and {line}); keep one",
+                    key_node.start_mark)
+            seen[key] = line
+        except TypeError:  # an unhashable key; the base constructor names it
+            break
+    return yaml.SafeLoader.construct_mapping(loader, node, deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
+
+
+def parse_yaml(text: str) -> Any:
+    """``yaml.safe_load`` that raises ``yaml.YAMLError`` for a repeated key in a mapping."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)
+
+
+def read_yaml(path: str | os.PathLike, error: type[Exception], what: str = "file") -> Any:
+    """The YAML document of ``path`` (None when empty); ``error("PATH: ...")`` when it cannot
+    be read, is not valid YAML or repeats a key in a mapping."""
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise error(f"{path}: cannot read {what} ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: not UTF-8 text ({e.reason})") from None
+    try:
+        return parse_yaml(text)
+    except yaml.YAMLError as e:
+        raise error(f"{path}: not valid YAML: {e}") from None

@@ -1,6 +1,6 @@
 import pytest
 
-from kis_megatron.config import ConfigError, config_from_dict, load_config
+from kis_megatron.config import ConfigError, config_from_dict, infusion_value, load_config
 from kis_megatron.model.presets import PRESETS
 
 
@@ -45,22 +45,25 @@ def test_missing_file_and_bad_override_are_clear(tmp_path):
 
 
 def test_nested_lists_and_dicts_are_typed():
-    cfg = config_from_dict({"infusion": {"domains": [{"name": "bio", "path": "p", "ratio": 0.1}],
-                                         "ratio_steps": {0: 0.1, 10: 0.2}}})
+    cfg = config_from_dict({"infusion": {"domains": [{"name": "bio", "path": "p", "ratio": 0.1}]}})
     assert cfg.infusion.domains[0].ratio == 0.1
+    cfg = config_from_dict({"infusion": {"domain": "d", "schedule": "steps", "ratio_steps": {0: 0.1, 10: 0.2}}})
     assert cfg.infusion.ratio_steps == {0: 0.1, 10: 0.2}
 
 
-def test_facts_is_the_law_value_of_a_domain_facts_study():
-    over = ["infusion.domain=d", "infusion.facts=48"]
-    assert load_config(None, over + ["infusion.kind=domain_facts"]).infusion.value == 48.0
-    given = load_config(None, over + ["infusion.kind=domain_facts", "infusion.value=7"])
-    assert given.infusion.value == 7.0
-    assert load_config(None, over).infusion.value is None  # kind ratio: the ratio, as before
+def test_the_infusion_value_is_the_knob_of_infusion_kind():
+    over = ["infusion.domain=d", "infusion.facts=48", "infusion.ratio=0.3"]
+    facts = load_config(None, over + ["infusion.kind=domain_facts"]).infusion
+    assert facts.value is None and infusion_value(facts) == 48.0  # derived, never stored
+    assert infusion_value(load_config(None, over).infusion) == 0.3  # kind ratio: the ratio
+    mine = load_config(None, ["infusion.kind=custom", "infusion.value=7"]).infusion
+    assert infusion_value(mine) == 7.0
+    several = load_config(None, ["infusion.domains=[{name: a, path: x, ratio: 0.1}, {name: b, path: y, ratio: 0.2}]"])
+    assert infusion_value(several.infusion) == pytest.approx(0.3)
 
 
 def test_the_learning_rate_errors_name_the_key_that_is_wrong():
-    with pytest.raises(ConfigError, match=r"^train\.lr: -0\.1 must be > 0"):
+    with pytest.raises(ConfigError, match=r"^train\.lr=-0\.1: must be > 0"):
         load_config(None, ["train.lr=-0.1", "train.min_lr=0"])
-    with pytest.raises(ConfigError, match=r"^train\.min_lr: 0\.5 must be in \[0, train\.lr=0\.1\]"):
+    with pytest.raises(ConfigError, match=r"^train\.min_lr: 0\.5 must be at most train\.lr=0\.1"):
         load_config(None, ["train.lr=0.1", "train.min_lr=0.5"])

@@ -347,12 +347,27 @@ def test_resume_may_extend_train_steps(world_corpus, ref_copy):
 ])
 def test_a_checkpoint_of_another_model_names_the_first_tensor(world_corpus, ref_run, tmp_path, capsys,
                                                               extra, needle):
+    """The tensors themselves are checked, even where the settings recorded with a checkpoint
+    claim the new model (here: a copy whose config.yaml was replaced)."""
+    from kis_megatron.config import config_yaml
+    from kis_megatron.train import main
+
+    new, ckpt = tmp_path / "new", tmp_path / "copied" / "step_00000004"
+    shutil.copytree(ref_run / "checkpoints" / "step_00000004", ckpt)
+    overrides = tiny_overrides(world_corpus, new, **{"checkpoint.resume": str(ckpt), **extra})
+    (ckpt / "config.yaml").write_text(config_yaml(load_config(None, overrides)))
+    rc = main(overrides)
+    clear_error(capsys, rc, needle)
+    assert not new.exists()
+
+
+def test_a_checkpoint_of_another_model_is_refused_by_its_settings(world_corpus, ref_run, tmp_path, capsys):
     from kis_megatron.train import main
 
     new = tmp_path / "new"
     rc = main(tiny_overrides(world_corpus, new, **{
-        "checkpoint.resume": str(ref_run / "checkpoints" / "step_00000004"), **extra}))
-    clear_error(capsys, rc, needle)
+        "checkpoint.resume": str(ref_run / "checkpoints" / "step_00000004"), "model.n_layers": 3}))
+    clear_error(capsys, rc, "model.n_layers=3 differs from model.n_layers=2")
     assert not new.exists()
 
 
@@ -573,3 +588,373 @@ def test_bad_sweep_files_are_clear_errors(tmp_path, capsys, text, needle):
     rc = tool("sweep")([str(path), "--list"])
     clear_error(capsys, rc, needle)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b.yaml", "s.yaml"]
+
+
+# ============================================================================= second round (issue 19)
+# Each class of the second catalogue: the exit code, the one line naming the key or path,
+# nothing written or replaced, and for the record class the realised infusion value.
+
+DOMAIN = "/data/domain"  # configs that fail validation never open it
+
+
+def config_error(overrides: dict) -> str:
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [f"{k}={v}" for k, v in overrides.items()])
+    return str(e.value)
+
+
+# ----------------------------------------------------------------------------- 1. the record is what trained
+
+
+@pytest.mark.parametrize("overrides, needles", [
+    ({"infusion.domain": DOMAIN, "infusion.facts": 64, "infusion.ratio": 0},
+     ["infusion.facts: 64 has no effect with infusion.ratio=0"]),
+    ({"infusion.domain": DOMAIN, "infusion.ratio": 0}, ["infusion.domain: is set but infusion.ratio=0"]),
+    ({"infusion.kind": "domian_facts"}, ["infusion.kind='domian_facts'", "ratio, domain_facts, custom"]),
+    ({"infusion.domain": DOMAIN, "infusion.ratio": 0.3, "infusion.domains": "[{name: b, path: x, ratio: 0.1}]"},
+     ["infusion.domains: set either infusion.domain", "not both"]),
+    ({"infusion.domains": "[{name: b, path: x, ratio: 0.1}]", "infusion.ratio": 0.2},
+     ["infusion.ratio: 0.2 applies to infusion.domain"]),
+    ({"infusion.domain": DOMAIN, "infusion.ratio": 0.3, "infusion.value": 5},
+     ["infusion.value: 5.0 contradicts infusion.kind=ratio"]),
+    ({"infusion.domain": DOMAIN, "infusion.ratio": 0.3, "infusion.kind": "domain_facts",
+      "infusion.facts": 64, "infusion.value": 32}, ["infusion.value: 32.0 contradicts infusion.facts=64"]),
+    ({"infusion.kind": "custom"}, ["infusion.value: infusion.kind=custom records"]),
+    ({"infusion.domain": DOMAIN, "infusion.ratio": 0.3, "infusion.window_end": 0.5},
+     ["infusion.window_start/window_end apply to infusion.schedule=window, not constant"]),
+    ({"infusion.domain": DOMAIN, "infusion.ratio": 0.3, "infusion.ratio_steps": "{10: 0.1}"},
+     ["infusion.ratio_steps: applies to infusion.schedule=steps"]),
+    ({"infusion.domains": "[{name: b, path: x, ratio: 0.6}, {name: c, path: y, ratio: 0.5}]"},
+     ["the ratios sum to 1.1"]),
+    ({"infusion.domains": "[{name: b, path: x}]"}, ["infusion.domains[0].ratio=0.0: must lie in (0, 1)"]),
+])
+def test_infusion_knobs_that_are_ignored_or_contradicted_are_errors(overrides, needles):
+    message = config_error(overrides)
+    for needle in needles:
+        assert needle in message, (needle, message)
+
+
+@pytest.mark.slow
+def test_run_json_records_the_infusion_the_blender_realised(world_corpus, tmp_path, capsys):
+    """kind=domain_facts without infusion.facts records the shard's own fact count (what the
+    blender infused), and a claimed infusion.value that differs from it is refused before
+    anything is written."""
+    from kis_megatron.train import main
+
+    domain = {"infusion.domain": world_corpus["shards"]["domain"], "infusion.ratio": 0.3,
+              "infusion.kind": "domain_facts"}
+    t = trainer(world_corpus, tmp_path / "all", **domain, **{"train.steps": 1})
+    t.fit()
+    facts = t.stream.describe()["domain_facts"]
+    assert facts > 8 and run_json(tmp_path / "all")["infusion"]["value"] == facts
+    t = trainer(world_corpus, tmp_path / "some", **domain, **{"train.steps": 1, "infusion.facts": 8})
+    t.fit()
+    assert run_json(tmp_path / "some")["infusion"] == {**run_json(tmp_path / "some")["infusion"],
+                                                       "kind": "domain_facts", "value": 8.0}
+    rc = main(tiny_overrides(world_corpus, tmp_path / "claim", **domain, **{"infusion.value": facts + 1}))
+    clear_error(capsys, rc, f"infusion.value={facts + 1}, but infusion.domain", f"infuses {facts} facts")
+    assert not (tmp_path / "claim").exists()
+
+
+# ----------------------------------------------------------------------------- 2. config files say what runs
+
+
+def test_a_repeated_key_or_section_in_yaml_is_refused(tmp_path, capsys):
+    from kis_megatron.train import main
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("train:\n  steps: 5\nmodel:\n  dim: 32\ntrain:\n  lr: 0.1\n")
+    rc = main(["--config", str(cfg), f"log.dir={tmp_path / 'run'}"])
+    clear_error(capsys, rc, str(cfg), "key 'train' appears twice (lines 1 and 5)")
+    cfg.write_text("train: {steps: 5, steps: 6}\n")
+    with pytest.raises(ConfigError, match="key 'steps' appears twice"):
+        load_config(cfg)
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text("base: run.yaml\nout: o\naxes: {m: [{name: a}]}\nout: p\n")
+    clear_error(capsys, tool("sweep")([str(sweep), "--list"]), "key 'out' appears twice")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_a_resume_without_config_yaml_uses_the_checkpoints_copy(world_corpus, ref_copy, capsys):
+    """config.yaml deleted: the checkpoint's own copy is compared (a changed seed is named as
+    train.seed) and a matching resume rebuilds config.yaml; with no copy either, refused."""
+    from kis_megatron.train import main
+
+    saved = (ref_copy / "config.yaml").read_text()
+    (ref_copy / "config.yaml").unlink()
+    before = snapshot(ref_copy)
+    rc = main(tiny_overrides(world_corpus, ref_copy, **{"train.steps": 4, "train.seed": 7,
+                                                        "checkpoint.resume": "auto"}))
+    clear_error(capsys, rc, "train.seed=7 differs from train.seed=1234")
+    assert snapshot(ref_copy) == before
+    for ckpt in (ref_copy / "checkpoints").glob("step_*"):
+        (ckpt / "config.yaml").unlink()
+    before = snapshot(ref_copy)
+    rc = main(tiny_overrides(world_corpus, ref_copy, **{"train.steps": 4, "checkpoint.resume": "auto"}))
+    clear_error(capsys, rc, "config.yaml is missing and the checkpoint holds no copy")
+    assert snapshot(ref_copy) == before
+    assert "seed: 1234" in saved
+
+
+def test_a_config_file_in_its_own_log_dir_is_never_overwritten(world_corpus, tmp_path, capsys):
+    from kis_megatron.train import main
+
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    cfg = folder / "config.yaml"
+    cfg.write_text(yaml.safe_dump({"train": {"steps": 2}, "log": {"dir": str(folder)}}))
+    before = snapshot(folder)
+    rc = main(["--config", str(cfg), *tiny_overrides(world_corpus, folder, **{"train.steps": 2})])
+    clear_error(capsys, rc, f"log.dir={folder} holds config.yaml but no run that kis-train started")
+    assert snapshot(folder) == before
+
+
+# ----------------------------------------------------------------------------- 3. every value range-checked
+
+
+@pytest.mark.parametrize("key, value, needle", [
+    ("train.beta1", 1.5, "train.beta1=1.5: must lie in [0, 1)"),
+    ("train.beta2", -0.1, "train.beta2=-0.1: must lie in [0, 1)"),
+    ("train.eps", -1, "train.eps=-1.0: must be > 0"),
+    ("train.weight_decay", -0.5, "train.weight_decay=-0.5: must be >= 0"),
+    ("train.seed", -1, "train.seed=-1: must lie in [0, 4294967295]"),
+    ("model.init_std", -0.02, "model.init_std=-0.02: must be > 0"),
+    ("model.norm_eps", -10, "model.norm_eps=-10.0: must be > 0"),
+    ("model.rope_theta", 0, "model.rope_theta=0.0: must be > 0"),
+    ("model.ffn_dim", 0, "model.ffn_dim=0: must be >= 1"),
+    ("eval.probe_batch", 0, "eval.probe_batch=0: must be >= 1"),
+    ("eval.val_batches", -1, "eval.val_batches=-1: must be >= 1"),
+    ("infusion.ratio", 1.0, "infusion.ratio=1.0: must lie in [0, 1)"),
+    ("infusion.window_end", 2, "infusion.window_end=2.0: must lie in [0, 1]"),
+    ("parallel.timeout_s", 0, "parallel.timeout_s=0: must be >= 1"),
+    ("train.recompute", "some", "train.recompute='some': must be one of none, selective, full"),
+])
+def test_out_of_range_values_name_the_key_and_the_value(world_corpus, tmp_path, capsys, key, value, needle):
+    from kis_megatron.train import main
+
+    rc = main(tiny_overrides(world_corpus, tmp_path / "run", **{key: value}))
+    clear_error(capsys, rc, needle)
+    assert not (tmp_path / "run").exists()
+
+
+def test_every_numeric_config_key_has_a_domain():
+    """A numeric key added without its domain fails here (infusion.value is the user's own
+    knob, any number; ratio_steps and pp_layers are checked entry by entry)."""
+    import dataclasses
+    import typing
+
+    from kis_megatron import config as c
+
+    free = {"InfusionConfig.value", "InfusionConfig.ratio_steps", "ParallelConfig.pp_layers"}
+    missing = []
+    for cls in (c.ModelConfig, c.ParallelConfig, c.DataConfig, c.DomainSourceConfig, c.InfusionConfig,
+                c.TrainConfig, c.EvalConfig, c.CheckpointConfig, c.LogConfig):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            tp = {a for a in typing.get_args(hints[f.name]) if a is not type(None)} or {hints[f.name]}
+            if tp & {int, float} and bool not in tp and f"{cls.__name__}.{f.name}" not in free:
+                if "domain" not in f.metadata:
+                    missing.append(f"{cls.__name__}.{f.name}")
+    assert missing == []
+
+
+# ----------------------------------------------------------------------------- 4. outputs never replaced unasked
+
+
+def test_tools_refuse_to_replace_their_outputs_unless_forced(world_corpus, ref_run, tmp_path, capsys):
+    src = world_corpus["dir"] / "world/general/train.jsonl"
+    tok = tmp_path / "tok" / "tok"
+    args = ["--input", str(src), "--format", "jsonl", "--model-prefix", str(tok), "--vocab-size", "400"]
+    assert tool("train_tokenizer")(args) == 0
+    before = snapshot(tmp_path / "tok")
+    clear_error(capsys, tool("train_tokenizer")(args), f"{tok}.model, {tok}.vocab already exist", "--force")
+    assert snapshot(tmp_path / "tok") == before
+    assert tool("train_tokenizer")([*args, "--force"]) == 0
+    prefix = tmp_path / "shards" / "s"
+    pargs = ["--input", str(src), "--output-prefix", str(prefix), "--tokenizer-model", f"{tok}.model",
+             "--no-progress"]
+    assert tool("preprocess_data")(pargs) == 0
+    before = snapshot(tmp_path / "shards")
+    clear_error(capsys, tool("preprocess_data")(pargs), f"{prefix}.bin", "already exist", "--force")
+    assert snapshot(tmp_path / "shards") == before
+    assert tool("preprocess_data")([*pargs, "--force"]) == 0
+    world = tmp_path / "world"
+    world.mkdir()
+    (world / "mine.txt").write_text("keep me")
+    clear_error(capsys, tool("make_knowledge")(["--out", str(world), "--general-entities", "4"]),
+                f"{world} already exists", "--force")
+    assert (world / "mine.txt").read_text() == "keep me"
+    notes = tmp_path / "notes.csv"
+    notes.write_text("my,notes\n1,2\n")
+    clear_error(capsys, tool("extract_metrics")([str(ref_run), "--out", str(notes)]), f"{notes} already exists")
+    assert notes.read_text() == "my,notes\n1,2\n"
+    table = tmp_path / "table.csv"
+    for _ in range(2):  # a table it wrote is rebuilt from the runs
+        assert tool("extract_metrics")([str(ref_run), "--out", str(table)]) == 0
+
+
+@pytest.mark.slow
+def test_a_log_dir_with_checkpoints_but_no_metrics_is_not_overwritten(world_corpus, ref_copy, tmp_path, capsys):
+    from kis_megatron.train import main
+
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copytree(ref_copy / "checkpoints", other / "checkpoints")
+    before = snapshot(other)
+    for resume, needle in (("none", f"log.dir={other} holds checkpoints but no run that kis-train started"),
+                           ("auto", "model.dim=64 differs from model.dim=32")):
+        rc = main(tiny_overrides(world_corpus, other, **{"train.steps": 2, "model.dim": 64,
+                                                         "checkpoint.resume": resume}))
+        clear_error(capsys, rc, needle)
+    assert snapshot(other) == before
+    export = tmp_path / "hf"
+    export.mkdir()
+    (export / "x").write_text("mine")
+    clear_error(capsys, tool("export_hf")([str(ref_copy), "--out", str(export)]), f"{export} already exists")
+    assert (export / "x").read_text() == "mine"
+
+
+# ----------------------------------------------------------------------------- 5. finished runs stay finished
+
+
+@pytest.mark.slow
+def test_a_finished_run_is_never_unfinished(world_corpus, ref_copy, capsys):
+    from kis_megatron.train import main
+
+    before = snapshot(ref_copy)
+    rc = main(tiny_overrides(world_corpus, ref_copy, **{"train.steps": 2, "checkpoint.resume": "auto"}))
+    clear_error(capsys, rc, "train.steps=2 is below step 4 of checkpoint", "cannot be shortened")
+    assert snapshot(ref_copy) == before and run_json(ref_copy)["status"] == "finished"
+    rc = main(tiny_overrides(world_corpus, ref_copy, **{"train.steps": 4, "checkpoint.resume": "auto"}))
+    assert rc == 0 and "finished at step 4 already" in capsys.readouterr().err
+    assert snapshot(ref_copy) == before
+    rc = main(tiny_overrides(world_corpus, ref_copy, **{"train.steps": 6, "train.stop_after": 3,
+                                                        "checkpoint.resume": "auto"}))
+    clear_error(capsys, rc, "train.stop_after=3 is not after step 4")
+    assert snapshot(ref_copy) == before
+
+
+# ----------------------------------------------------------------------------- 6. one writer per run directory
+
+
+@pytest.mark.slow
+def test_a_second_writer_on_one_log_dir_fails_fast_and_a_dead_holder_does_not_block(world_corpus, tmp_path,
+                                                                                   capsys):
+    from kis_megatron.train import main
+
+    run = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time
+        from kis_megatron.run_dir import RunDir
+        lock = RunDir({str(run)!r}).lock(); lock.announce()
+        print("held", flush=True); time.sleep(120)
+    """)], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        rc = main(tiny_overrides(world_corpus, run, **{"train.steps": 2}))
+        clear_error(capsys, rc, f"log.dir={run} is in use by another kis-train (pid {holder.pid} on host")
+        assert sorted(p.name for p in run.iterdir()) == [".lock"]
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    # SIGKILL leaves .lock naming a dead process; the kernel dropped the lock, so a run goes on.
+    assert main(tiny_overrides(world_corpus, run, **{"train.steps": 2})) == 0
+    assert run_json(run)["status"] == "finished" and not (run / ".lock").exists()
+
+
+# ----------------------------------------------------------------------------- 7. environment failures
+
+
+@pytest.mark.parametrize("where, needle", [
+    ("{tmp}/afile", "is a file, not a directory"),
+    ("/dev/full/run", "cannot create the run directory: Not a directory"),
+    ("/proc/kis-megatron-run", "cannot create the run directory"),
+])
+def test_an_unusable_log_dir_is_one_line(world_corpus, tmp_path, capsys, where, needle):
+    from kis_megatron.train import main
+
+    (tmp_path / "afile").write_text("x")
+    where = where.format(tmp=tmp_path)
+    rc = main(tiny_overrides(world_corpus, Path(where), **{"train.steps": 1}))
+    clear_error(capsys, rc, f"log.dir={where}", needle)
+
+
+@pytest.mark.slow
+def test_a_full_disk_during_a_save_is_one_line_and_marks_the_run_failed(world_corpus, tmp_path, capsys,
+                                                                        monkeypatch):
+    import errno
+
+    from kis_megatron.train import main
+
+    real = ck.atomic_write_text
+
+    def full(path, text):
+        if Path(path).name == "COMPLETE":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        real(path, text)
+
+    monkeypatch.setattr(ck, "atomic_write_text", full)
+    run = tmp_path / "run"
+    rc = main(tiny_overrides(world_corpus, run, **{"train.steps": 3, "checkpoint.interval": 2}))
+    err = clear_error(capsys, rc, "at step 2:", "COMPLETE: No space left on device")
+    assert err.count("error:") == 1
+    info = run_json(run)
+    assert info["status"] == "failed" and "No space left on device" in info["error"]
+    assert not [p for p in (run / "checkpoints").glob("step_*")]  # no checkpoint that looks whole
+
+
+# ----------------------------------------------------------------------------- 8. inputs that cannot mean anything
+
+
+def test_inputs_the_tools_cannot_mean_are_refused_where_they_enter(world_corpus, tmp_path, capsys):
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"fine line\nbroken \xff byte\n")
+    clear_error(capsys, tool("train_tokenizer")(["--input", str(bad), "--model-prefix", str(tmp_path / "t"),
+                                                 "--vocab-size", "300"]), f"{bad}:2: not valid UTF-8")
+    assert not list(tmp_path.glob("t.*"))
+    good = world_corpus["dir"] / "world/general/train.jsonl"
+    for flag, value, needle in (("--input-sentence-size", "-4", "input_sentence_size must be an integer >= 0"),
+                                ("--threads", "0", "num_threads must be an integer >= 1"),
+                                ("--character-coverage", "5", "character_coverage must lie in [0.98, 1]")):
+        clear_error(capsys, tool("train_tokenizer")(["--input", str(good), "--format", "jsonl", flag, value,
+                                                     "--model-prefix", str(tmp_path / "t"), "--vocab-size",
+                                                     "300"]), needle)
+    corpus = tmp_path / "facts.jsonl"
+    corpus.write_text('{"text": "a b", "fact_id": 0}\n{"text": "c d", "fact_id": -3}\n')
+    clear_error(capsys, tool("preprocess_data")(["--input", str(corpus), "--doc-key", "fact_id",
+                                                 "--output-prefix", str(tmp_path / "s"),
+                                                 "--tokenizer-model", world_corpus["tokenizer"]]),
+                f"{corpus}:2: document label 'fact_id' must be an integer >= 0", "got -3")
+    assert not list(tmp_path.glob("s.*"))
+    table = tmp_path / "t.csv"
+    rows = ["model_params,tokens,infusion,metric,value"]
+    rows += [f"{n},1e6,{f},retention/domain,{100 * v:g}" for n in (1e5, 2e5)
+             for f, v in ((10, 0.9), (20, 0.88), (40, 0.6), (80, 0.3), (160, 0.25))]
+    table.write_text("\n".join(rows) + "\n")
+    clear_error(capsys, tool("fit_law")(["--table", str(table), "--out", str(tmp_path / "law")]),
+                "retention/domain is fitted as an accuracy, a fraction in [0, 1], but is 90",
+                "percentages? divide them by 100")
+    assert not (tmp_path / "law").exists()
+    with pytest.raises(SystemExit) as e:
+        tool("fit_law")(["--table", str(table), "--out", str(tmp_path / "law"), "--chance", "20"])
+    assert e.value.code == 2 and "20 is not an accuracy in [0, 1)" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- 9. messages name what the user set
+
+
+@pytest.mark.slow
+def test_a_changed_fact_count_on_resume_names_infusion_facts(world_corpus, tmp_path, capsys):
+    from kis_megatron.train import main
+
+    domain = {"infusion.domain": world_corpus["shards"]["domain"], "infusion.ratio": 0.3,
+              "infusion.kind": "domain_facts", "infusion.facts": 8, "train.steps": 2}
+    run = tmp_path / "run"
+    assert main(tiny_overrides(world_corpus, run, **domain)) == 0
+    before = snapshot(run)
+    rc = main(tiny_overrides(world_corpus, run, **{**domain, "infusion.facts": 12, "train.steps": 3,
+                                                   "checkpoint.resume": "auto"}))
+    err = clear_error(capsys, rc, "infusion.facts=12 differs from infusion.facts=8")
+    assert "infusion.value" not in err
+    assert snapshot(run) == before

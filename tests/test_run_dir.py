@@ -68,3 +68,42 @@ def test_resume_policy(tmp_path):
     other = load_config(None, [f"log.dir={rd.path}", "checkpoint.resume=auto", "train.lr=0.5"])
     with pytest.raises(ConfigError, match=r"train\.lr=0\.5 differs"):
         rd.resume_decision(other, ckpt)
+
+
+def test_resume_policy_refuses_what_no_run_of_this_config_wrote(tmp_path):
+    rd = RunDir(tmp_path / "r")
+    cfg = load_config(None, [f"log.dir={rd.path}", "checkpoint.resume=auto"])
+    rd.path.mkdir()
+    (rd.path / "config.yaml").write_text("train: {steps: 3}\n")  # a hand-written config
+    with pytest.raises(ConfigError, match="holds config.yaml but no run that kis-train started"):
+        rd.resume_decision(cfg, None)
+    rd.write_config(load_config(None, [f"log.dir={rd.path}", "train.seed=5"]))
+    rd.write_info({"status": "interrupted"})  # another run's attempt, without a checkpoint
+    with pytest.raises(ConfigError, match="train.seed=1234 differs from train.seed=5"):
+        rd.resume_decision(cfg, None)
+    ckpt = rd.checkpoints_dir / "step_00000010"
+    short = load_config(None, [f"log.dir={rd.path}", "checkpoint.resume=auto", "train.seed=5", "train.steps=9"])
+    with pytest.raises(ConfigError, match="train.steps=9 is below step 10"):
+        rd.resume_decision(short, ckpt)
+    rd.config_path.unlink()
+    with pytest.raises(ConfigError, match="config.yaml is missing and the checkpoint holds no copy"):
+        rd.resume_decision(short, ckpt)
+
+
+def test_one_writer_per_run_directory(tmp_path):
+    import json
+    import os
+
+    rd = RunDir(tmp_path / "r")
+    lock = rd.lock()
+    assert rd.path.is_dir() and not (rd.path / ".lock").exists()  # named only once the run writes
+    lock.announce()
+    assert json.loads((rd.path / ".lock").read_text())["pid"] == os.getpid()
+    with pytest.raises(ConfigError, match=f"in use by another kis-train \\(pid {os.getpid()} on host"):
+        rd.lock()
+    lock.release()
+    assert not (rd.path / ".lock").exists()
+    rd.lock().release()  # free again
+    fresh = RunDir(tmp_path / "new" / "deeper")
+    fresh.lock().release()
+    assert not fresh.path.exists()  # created by the lock, nothing written: removed again

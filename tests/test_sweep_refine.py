@@ -23,12 +23,11 @@ main = runpy.run_path(str(ROOT / "tools/sweep.py"), run_name="tool")["main"]  # 
 BASE = {
     "model": {"preset": "tiny", "vocab_size": 64, "dim": 16, "n_layers": 1, "n_heads": 2, "max_seq_len": 16},
     "data": {"train": "unused", "seq_len": 16},
-    "infusion": {"kind": "domain_facts"},
     "train": {"steps": 10, "global_batch": 4, "micro_batch": 4},
 }
 MODELS = [{"name": "d16", "overrides": {"model.dim": 16}}, {"name": "d32", "overrides": {"model.dim": 32}}]
 FACTS = {"values": [32, 64, 128, 256, 512, 1024, 2048], "name": "f{value:04d}", "integer": True,
-         "overrides": {"infusion.value": "{value}"}}
+         "overrides": {"infusion.kind": "custom", "infusion.value": "{value}"}}
 SEEDS = {"values": [0, 1], "name": "s{value}", "overrides": {"train.seed": "{value}"}}
 REFINE = {"axis": "infusion", "metric": "retention/domain", "chance": 0.2, "target_width": 0.15, "max_runs": 8}
 N_BOOT = 200  # the planning logic does not depend on the replicate count; keeps the tests fast
@@ -74,12 +73,12 @@ def test_value_axis_ids_typed_overrides_and_seeds(tmp_path):
     sweep = load_sweep(write_sweep(tmp_path, {
         "model": MODELS[:1],
         "infusion": {"values": [32, 181.4], "name": "f{value:04d}", "integer": True,
-                     "overrides": {"infusion.value": "{value}", "infusion.domain": "data/f{value}/shard",
-                                   "infusion.ratio": 0.3}},
+                     "overrides": {"infusion.kind": "custom", "infusion.value": "{value}",
+                                   "infusion.domain": "data/f{value}/shard", "infusion.ratio": 0.3}},
         "seed": SEEDS}))
     assert [r.run_id for r in sweep.runs] == ["d16-f0032-s0", "d16-f0032-s1", "d16-f0181-s0", "d16-f0181-s1"]
     run = sweep.runs[3]
-    assert run.overrides == {"model.dim": 16, "infusion.value": 181, "infusion.domain": "data/f181/shard",
+    assert run.overrides == {"model.dim": 16, "infusion.kind": "custom", "infusion.value": 181, "infusion.domain": "data/f181/shard",
                              "infusion.ratio": 0.3, "train.seed": 1}
     assert type(run.overrides["infusion.value"]) is int and run.points["infusion"].value == 181
     cfg = load_config(sweep.base, run.override_args())
@@ -120,7 +119,7 @@ def test_bad_refine_sections(tmp_path):
         with pytest.raises(ConfigError, match="sweep.yaml: refine: " + needle):
             load_sweep(write_sweep(tmp_path, axes, refine=refine))
     # Refinement measures levels in the units run.json logs: an axis that does not set them is refused.
-    with pytest.raises(ConfigError, match="logs the infusion value 0.*add infusion.value"):
+    with pytest.raises(ConfigError, match="logs the infusion value 0 .*infusion.kind=ratio.*make the axis"):
         load_sweep(write_sweep(tmp_path, {"model": MODELS[:1], "infusion": {**FACTS, "overrides": {}}},
                                refine=REFINE))
 
@@ -234,7 +233,8 @@ def test_refine_print_launch_plans_one_round_and_list_shows_it(tmp_path, capsys)
 
 # ---------------------------------------------------------------------------- validation
 
-VALUE = {"values": [1.0, 2.0, 4.0, 8.0], "name": "v{value:.4g}", "overrides": {"infusion.value": "{value}"}}
+VALUE = {"values": [1.0, 2.0, 4.0, 8.0], "name": "v{value:.4g}",
+         "overrides": {"infusion.kind": "custom", "infusion.value": "{value}"}}
 VALIDATE = {"model": {"name": "d48", "overrides": {"model.dim": 48, "train.steps": 20}}, "levels": 5, "spacing": 0.2}
 
 

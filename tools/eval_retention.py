@@ -71,7 +71,7 @@ def main(argv=None) -> int:
                     raise ConfigError(f"--probes takes NAME=FILE, got {item!r}")
                 probes[name] = path
         metrics = evaluate_checkpoint(args.run_dir, args.checkpoint, probes, args.exact_match, args.device)
-    except KisError as e:
+    except (KisError, OSError) as e:  # OSError: the file system refused (path, cause)
         return exit_with(e)
     text = json.dumps(metrics, indent=2)
     print(text)

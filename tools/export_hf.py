@@ -22,14 +22,15 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("run_dir", help="a run directory (or a checkpoint directory inside one)")
     ap.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    ap.add_argument("--force", action="store_true", help="replace an existing --out")
     ap.add_argument("--checkpoint", help="checkpoint directory (default: the run's latest)")
     ap.add_argument("--max-shard-size", default="5GB", help="split weights above this (default 5GB)")
     ap.add_argument("--tokenizer", help="sentencepiece .model (default: the run's data.tokenizer)")
     args = ap.parse_args(argv)
     try:
         out = export_hf(args.run_dir, args.out, checkpoint=args.checkpoint,
-                        max_shard_size=args.max_shard_size, tokenizer=args.tokenizer)
-    except KisError as e:
+                        max_shard_size=args.max_shard_size, tokenizer=args.tokenizer, force=args.force)
+    except (KisError, OSError) as e:  # OSError: the file system refused (path, cause)
         return exit_with(e)
     print(f"wrote {out}")
     return 0

@@ -14,11 +14,22 @@ pyarrow is installed; the file is written atomically.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from kis_megatron.law.runs import extract_runs, find_run_dirs
 from kis_megatron.errors import KisError, exit_with
-from kis_megatron.law.table import write_table
+from kis_megatron.law.table import LawInputError, read_table, write_table
+from kis_megatron.utils import refuse_to_replace
+
+
+def _earlier_table(path: str) -> bool:
+    """Whether ``path`` is a measurement table (one this tool wrote may be rebuilt)."""
+    try:
+        read_table(path)
+    except (LawInputError, OSError, ValueError):
+        return False
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,13 +43,16 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--final-only", action="store_true",
                       help="final evaluation of each finished run (default)")
     mode.add_argument("--all-evals", action="store_true", help="every evaluation of every run")
+    ap.add_argument("--force", action="store_true", help="replace an --out that is not a measurement table")
     args = ap.parse_args(argv)
     try:
+        if os.path.lexists(args.out) and not _earlier_table(args.out):
+            refuse_to_replace([args.out], args.force)
         rows, notes = extract_runs(find_run_dirs(args.runs, args.glob), args.all_evals)
         for note in notes:
             print(f"warning: {note}", file=sys.stderr)
         write_table(rows, args.out)
-    except KisError as e:
+    except (KisError, OSError) as e:  # OSError: the file system refused (path, cause)
         return exit_with(e)
     runs = len({r["run_id"] for r in rows})
     print(f"wrote {len(rows)} rows from {runs} runs to {args.out}")

@@ -27,7 +27,7 @@ import argparse
 import os
 import sys
 
-from kis_megatron.errors import KisError
+from kis_megatron.errors import KisError, exit_with
 from kis_megatron.law.analysis import Options, analyze
 from kis_megatron.law.forms import FORM_NAMES
 from kis_megatron.law.outputs import check_out_dir, write_outputs
@@ -35,22 +35,27 @@ from kis_megatron.law.runs import extract_runs, find_run_dirs
 from kis_megatron.law.table import read_table
 
 
-def _chance(text: str):
-    if text == "auto":
-        return text
+def _accuracy(text: str, below_one: bool, words: str) -> float:
+    """An accuracy given on the command line: in [0, 1) (--chance) or (0, 1] (--ceiling)."""
     try:
-        return float(text)
+        x = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"a number or 'auto', not {text!r}") from None
+        raise argparse.ArgumentTypeError(f"a number or {words}, not {text!r}") from None
+    ok, where = (0 <= x < 1, "[0, 1)") if below_one else (0 < x <= 1, "(0, 1]")
+    if not ok:
+        raise argparse.ArgumentTypeError(f"{text} is not an accuracy in {where} (the law fits "
+                                         "fractions; a percentage? divide it by 100)")
+    return x
+
+
+def _chance(text: str):
+    return text if text == "auto" else _accuracy(text, True, "'auto'")
 
 
 def _ceiling(text: str):
     if text in ("auto", "none"):
         return None if text == "none" else text
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"a number, 'auto' or 'none', not {text!r}") from None
+    return _accuracy(text, False, "'auto' or 'none'")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--recommend", metavar="N,D[,share]",
                     help="target model size, token budget and domain share (default: the ladder's): "
                     "the largest infusion that keeps retention at --retain of the plateau")
-    ap.add_argument("--retain", type=float, default=0.9,
+    ap.add_argument("--retain", type=lambda t: _accuracy(t, True, "a share"), default=0.9,
                     help="the recommendation keeps predicted retention at or above this share of "
                     "the plateau (default %(default)s)")
     ap.add_argument("--forms", default=",".join(FORM_NAMES),
@@ -130,9 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         result = analyze(rows, options, args.predict, validation_rows, args.recommend)
         result.sources = [os.path.abspath(s) for s in sources]
         write_outputs(result, args.out, rows if args.runs else None)
-    except KisError as e:  # LawInputError, and a run directory's own errors
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (KisError, OSError) as e:  # LawInputError, a run directory's own errors, the file system
+        return exit_with(e)
     law = result.law
     lo, hi = law.coef_ci(1)
     print(f"paper's law {law.form_text()}: a = {law.coefficient:.4g}, b = {law.exponent:.4g} "

@@ -30,7 +30,7 @@ def main(argv=None) -> int:
     try:
         hf_dir = Path(args.hf_dir).resolve()
         fields, _ = import_hf(hf_dir)  # reads and checks the weights too, so errors show now
-    except KisError as e:
+    except (KisError, OSError) as e:  # OSError: the file system refused (path, cause)
         return exit_with(e)
     config = {"model": {**fields, "init_from": f"hf:{hf_dir}"},
               "data": {"seq_len": min(DataConfig().seq_len, fields["max_seq_len"])}}

@@ -48,14 +48,12 @@ import re
 import sys
 from pathlib import Path
 
-import yaml
-
 from kis_megatron.knowledge.triplets import (KnowledgeSet, jsonl_text,
                                          load_knowledge_set, render_documents, save_knowledge_set)
 from kis_megatron.knowledge.worlds import configs_from_dict, default_configs, generate_worlds
-from kis_megatron.errors import KisError
+from kis_megatron.errors import KisError, exit_with
 from kis_megatron.eval.retention import build_probes, save_probes
-from kis_megatron.utils import atomic_write_text, staging_dir
+from kis_megatron.utils import atomic_write_text, read_yaml, refuse_to_replace, staging_dir
 
 _TOP_KEYS = ("seed", "renders_per_fact", "probe_k", "probe_seed", "max_probe_facts",
              "general", "domain")
@@ -70,8 +68,8 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output directory (must not exist unless "
-                   "--overwrite)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+                   "--force)")
+    p.add_argument("--force", "--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--config", help="world YAML (see the module docstring)")
     p.add_argument("--general-entities", type=int, help="people in the general world "
                    "(default 300; 0 leaves it out)")
@@ -99,12 +97,7 @@ def _settings(args) -> tuple[dict, dict[str, KnowledgeSet], str]:
     shape_given = [f for f in _SHAPE_FLAGS if getattr(args, f) is not None]
     cfg: dict = {}
     if args.config:
-        try:
-            cfg = yaml.safe_load(Path(args.config).read_text(encoding="utf-8")) or {}
-        except OSError as e:
-            raise UsageError(f"cannot read --config {args.config} ({e.strerror})") from None
-        except yaml.YAMLError as e:
-            raise UsageError(f"--config {args.config} is not valid YAML ({e})") from None
+        cfg = read_yaml(args.config, UsageError, "--config") or {}
         if not isinstance(cfg, dict):
             raise UsageError(f"--config {args.config} must be a mapping")
         unknown = [k for k in cfg if k not in _TOP_KEYS]
@@ -180,11 +173,9 @@ def write_world(ks: KnowledgeSet, directory: Path, settings: dict) -> dict:
 
 def make(args) -> Path:
     out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise UsageError(f"--out {out} already exists; choose a new directory or pass "
-                         "--overwrite")
+    refuse_to_replace([out], args.force)
     settings, worlds, source = _settings(args)
-    with staging_dir(out) as tmp:  # replaces an existing --out (--overwrite) whole
+    with staging_dir(out) as tmp:  # replaces an existing --out (--force) whole
         summary = {"format": "kis-knowledge/1", "source": source, **settings, "worlds": {}}
         for name, ks in worlds.items():
             summary["worlds"][name] = write_world(ks, tmp / name, settings)
@@ -196,12 +187,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         out = make(args)
-    except KisError as e:  # KnowledgeError, UsageError, DataError
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"error: {e.filename or args.out}: {e.strerror}", file=sys.stderr)
-        return 2
+    except (KisError, OSError) as e:  # KnowledgeError, UsageError, DataError; the file system
+        return exit_with(e)
     summary = json.loads((out / "world.json").read_text())
     for name, w in summary["worlds"].items():
         print(f"{name}: {w['entities']} entities, {w['facts']} facts, {w['documents']} "

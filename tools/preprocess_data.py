@@ -17,7 +17,7 @@ per paragraph of lines separated by blank lines (--text-doc-sep blank).
 import argparse
 import sys
 
-from kis_megatron.errors import KisError
+from kis_megatron.errors import KisError, exit_with
 from kis_megatron.data.preprocess import FORMATS, TEXT_DOC_SEPS, preprocess
 
 
@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="tokenizer processes (default 1)")
     p.add_argument("--chunk-size", type=int, default=256, help="documents per work item")
     p.add_argument("--no-progress", action="store_true", help="never show a progress bar")
+    p.add_argument("--force", action="store_true", help="replace existing outputs at the prefix")
     return p
 
 
@@ -59,10 +60,10 @@ def main(argv=None) -> int:
             workers=args.workers,
             chunk_size=args.chunk_size,
             progress=False if args.no_progress else None,
+            force=args.force,
         )
     except (KisError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return exit_with(e)
     print(f"wrote {args.output_prefix}.bin/.idx: {meta['num_documents']} documents, "
           f"{meta['num_tokens']} tokens ({meta['dtype']}), max token id {meta['max_token_id']}")
     return 0

@@ -74,7 +74,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             outcome = refine_local(sweep, jobs=args.jobs)
         else:
             outcome = run_local(sweep, jobs=args.jobs)
-    except KisError as e:
+    except (KisError, OSError) as e:  # OSError: the file system refused (path, cause)
         return exit_with(e)
     failed = [k for k, v in outcome.items() if v.startswith("FAILED")]
     if failed:

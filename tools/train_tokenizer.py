@@ -11,7 +11,7 @@ whitespace kept, byte fallback) and split digits; ids: unk 0, bos 1, eos/EOD 2, 
 import argparse
 import sys
 
-from kis_megatron.errors import KisError
+from kis_megatron.errors import KisError, exit_with
 from kis_megatron.data.preprocess import FORMATS, train_tokenizer_from_corpus
 
 
@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the line sampling")
     p.add_argument("--threads", type=int, default=None, help="training threads (default: up to 8)")
     p.add_argument("--verbose", action="store_true", help="show SentencePiece's log")
+    p.add_argument("--force", action="store_true", help="replace existing outputs at the prefix")
     return p
 
 
@@ -60,10 +61,10 @@ def main(argv=None) -> int:
             seed=args.seed,
             num_threads=args.threads,
             verbose=args.verbose,
+            force=args.force,
         )
     except (KisError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return exit_with(e)
     print(f"wrote {path} ({args.vocab_size} pieces)")
     return 0
 

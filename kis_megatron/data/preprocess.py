@@ -39,7 +39,7 @@ from kis_megatron.data.indexed_dataset import (
     write_meta,
 )
 from kis_megatron.data.tokenizer import Tokenizer, train_tokenizer
-from kis_megatron.utils import read_jsonl, read_lines
+from kis_megatron.utils import read_jsonl, read_lines, refuse_to_replace
 
 __all__ = ["iter_documents", "preprocess", "train_tokenizer_from_corpus"]
 
@@ -81,8 +81,9 @@ def _label(path: str, lineno: int, obj: dict, doc_key: str) -> int:
         raise DataError(
             f"{path}:{lineno}: document label {doc_key!r} must be an integer, got {value!r}"
         )
-    if not _INT64.min <= value <= _INT64.max:
-        raise DataError(f"{path}:{lineno}: document label {value} does not fit int64")
+    if not 0 <= value <= _INT64.max:  # -1 is how the shard marks "no label"
+        raise DataError(f"{path}:{lineno}: document label {doc_key!r} must be an integer >= 0 "
+                        f"(a fact id), got {value}")
     return value
 
 
@@ -172,6 +173,7 @@ def preprocess(
     workers: int = 1,
     chunk_size: int = 256,
     progress: bool | None = None,
+    force: bool = False,
 ) -> dict:
     """Tokenize ``inputs`` into one dataset at ``output_prefix``; return its metadata.
 
@@ -187,6 +189,7 @@ def preprocess(
         raise DataError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     tokenizer = Tokenizer(tokenizer_model)
     output_prefix = os.fspath(output_prefix)
+    refuse_to_replace([output_prefix + s for s in (".bin", ".idx", ".meta.json", ".doclabels.npy")], force)
     os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
     if progress is None:
         progress = sys.stderr.isatty()

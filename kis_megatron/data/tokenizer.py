@@ -21,7 +21,7 @@ from typing import Iterable, Sequence
 import sentencepiece as spm
 
 from kis_megatron.data.errors import DataError
-from kis_megatron.utils import atomic_write_bytes
+from kis_megatron.utils import atomic_write_bytes, read_lines, refuse_to_replace
 
 __all__ = ["Tokenizer", "train_tokenizer", "UNK_ID", "BOS_ID", "EOS_ID", "PAD_ID"]
 
@@ -30,15 +30,19 @@ _MODEL_TYPES = ("bpe", "unigram")
 _NUM_BYTE_PIECES = 256
 
 
+def _check_int(name: str, value, least: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise DataError(f"{name} must be an integer >= {least}, got {value!r}")
+
+
 def _has_text(path: str) -> bool:
-    """True when the file holds at least one non-whitespace character (read in chunks)."""
-    with open(path, "rb") as f:
-        while True:
-            chunk = f.read(1 << 20)
-            if not chunk:
-                return False
-            if chunk.strip():
-                return True
+    """True when the file holds at least one non-whitespace character; every line is read,
+    so that text preprocessing would refuse (invalid UTF-8) is refused here too, at its line."""
+    found = False
+    for _, line, _ in read_lines(path, DataError, "; the tokenizer's corpus must be UTF-8 text",
+                                 what="the tokenizer's corpus"):
+        found = found or bool(line.strip())
+    return found
 
 
 def _clean_sp_error(err: Exception) -> str:
@@ -64,6 +68,7 @@ def train_tokenizer(
     seed: int = 0,
     num_threads: int | None = None,
     verbose: bool = False,
+    force: bool = False,
 ) -> str:
     """Train a SentencePiece model on text files (one sentence/line each); return the .model path.
 
@@ -85,7 +90,7 @@ def train_tokenizer(
     for path in files:
         if not os.path.isfile(path):
             raise DataError(f"tokenizer training input not found: {path}")
-    if not any(_has_text(p) for p in files):
+    if not [p for p in files if _has_text(p)]:  # each file read whole
         raise DataError(f"empty corpus: {', '.join(files)} contain no text to train a tokenizer on")
     specials = 4 if pad else 3
     minimum = specials + 1 + (_NUM_BYTE_PIECES if byte_fallback else 0)
@@ -96,7 +101,15 @@ def train_tokenizer(
             + f", got {vocab_size!r}"
         )
 
+    _check_int("input_sentence_size", input_sentence_size, 0)
+    _check_int("max_sentence_length", max_sentence_length, 1)
+    _check_int("seed", seed, 0)
+    if num_threads is not None:
+        _check_int("num_threads", num_threads, 1)
+    if not 0.98 <= character_coverage <= 1.0:  # SentencePiece's own bounds
+        raise DataError(f"character_coverage must lie in [0.98, 1], got {character_coverage!r}")
     model_prefix = os.fspath(model_prefix)
+    refuse_to_replace([model_prefix + ".model", model_prefix + ".vocab"], force)
     os.makedirs(os.path.dirname(os.path.abspath(model_prefix)), exist_ok=True)
     if num_threads is None:
         num_threads = max(1, min(os.cpu_count() or 1, 8))

@@ -382,10 +382,9 @@ class InfusionBlender:
             raise InfusionError("blender state has no fingerprint; it is not from this blender")
         for key, value in mine.items():
             if _listify(theirs.get(key)) != value:
-                raise InfusionError(
-                    f"blender state was saved with {key}={theirs.get(key)!r}, this blender has "
-                    f"{value!r}; resume with the configuration and data of the saved run"
-                )
+                raise InfusionError(f"the checkpoint's data stream differs from this run's: "
+                                    f"{_difference(key, theirs.get(key), value)}; resume with the "
+                                    "configuration and data of the saved run")
         try:
             step, samples, expo = self._parse_state(state)
         except (KeyError, TypeError, ValueError) as e:
@@ -419,6 +418,30 @@ class InfusionBlender:
                                     f"{mine.counts.shape[0]} non-negative counts summing to {full}")
             expo[name] = _FactCounter(arr, check_int(saved[name]["cut"], "saved cut count", 0))
         return step, samples, expo
+
+
+_SOURCE_FIELDS = (("seed", "train.seed"), ("documents", "its shard"), ("tokens", "its shard"),
+                  ("facts", "infusion.facts"))
+
+
+def _difference(key: str, saved, mine) -> str:
+    """A fingerprint difference in the words of the config keys that cause it."""
+    if key == "seq_len":
+        return f"data.seq_len was {saved}, now {mine}"
+    if key == "global_batch":
+        return f"train.global_batch was {saved}, now {mine}"
+    if key == "pieces":
+        return "the infusion ratio or schedule (infusion.ratio, schedule, steps) changed"
+    saved = _listify(saved) if isinstance(saved, (list, tuple)) else []
+    if len(saved) != len(mine):
+        return f"the run had {len(saved)} sources ({', '.join(str(s[0]) for s in saved)}), now {len(mine)}"
+    for old, new in zip(saved, mine):
+        for i, (what, knob) in enumerate(_SOURCE_FIELDS, start=1):
+            if old[0] != new[0] or old[i] != new[i]:
+                if old[0] != new[0]:
+                    return f"source {old[0]!r} is now {new[0]!r}"
+                return f"source {new[0]!r}: {what} was {old[i]}, now {new[i]} ({knob})"
+    return f"{key} changed"
 
 
 def _listify(value):

@@ -17,7 +17,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from kis_megatron.config import ConfigError, DataConfig, InfusionConfig
+from kis_megatron.config import ConfigError, DataConfig, InfusionConfig, infusion_value
 from kis_megatron.data.errors import DataError
 from kis_megatron.infusion.fact_subset import first_facts
 from kis_megatron.data.indexed_dataset import IndexedDataset, check_vocab, load_doc_labels, read_meta
@@ -179,6 +179,22 @@ def build_train_stream(d: DataConfig, inf: InfusionConfig, *, vocab_size: int, s
     blender = InfusionBlender(general, domains, ratios, d.seq_len, global_batch, seed, steps,
                               repeat=inf.repeat)
     return TrainStream(blender, dp_rank, dp_size, describe, vocab_size, shards)
+
+
+def realised_infusion_value(inf: InfusionConfig, described: dict) -> float:
+    """The infusion value run.json records for the law tools: what the blender realises
+    (``described``: ``TrainStream.describe()``), never a number that only the config claims."""
+    claimed = infusion_value(inf)
+    if inf.kind != "domain_facts":
+        return float(claimed)
+    facts = described.get("domain_facts", 0)
+    if not facts:
+        raise DataError(f"infusion.kind=domain_facts counts the facts of infusion.domain {inf.domain} by "
+                        "their document labels, and it has none; preprocess it with --doc-key fact_id")
+    if claimed is not None and claimed != facts:
+        raise ConfigError(f"infusion.value={claimed:g}, but infusion.domain {inf.domain} infuses {facts} "
+                          "facts; leave infusion.value unset (kind=domain_facts records the facts infused)")
+    return float(facts)
 
 
 def _first_facts(ds, labels, facts: int, path: str, seq_len: int):

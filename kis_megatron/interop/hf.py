@@ -39,7 +39,7 @@ from kis_megatron.model.llama import Transformer, llama_ffn_dim
 from kis_megatron.parallel.parallelize import build_model, local_slice
 from kis_megatron.training.checkpoint import CheckpointError, CheckpointManager, verify
 from kis_megatron.run_dir import RunDir
-from kis_megatron.utils import staging_dir
+from kis_megatron.utils import refuse_to_replace, staging_dir
 
 __all__ = ["InteropError", "export_hf", "import_hf", "load_init", "hf_config_from_model",
            "model_fields_from_hf_config", "to_hf_state_dict", "from_hf_state_dict", "parse_size"]
@@ -276,16 +276,16 @@ def _locate(run_dir_or_checkpoint: str | Path, checkpoint: Optional[str | Path])
 
 def export_hf(run_dir_or_checkpoint: str | Path, out_dir: str | Path,
               checkpoint: Optional[str | Path] = None, max_shard_size: int | str = "5GB",
-              tokenizer: Optional[str | Path] = None) -> Path:
+              tokenizer: Optional[str | Path] = None, force: bool = False) -> Path:
     """Write a checkpoint of a run as a Hugging Face Llama folder that
     ``AutoModelForCausalLM.from_pretrained(out_dir)`` and ``AutoTokenizer`` load offline:
     config.json, generation_config.json, model.safetensors (or shards and an index) and the
     tokenizer (``tokenizer`` overrides the run's ``data.tokenizer``). Everything is written into
     a temporary folder beside ``out_dir`` and renamed into place last, so a failed export
-    leaves nothing that looks valid. ``out_dir`` must not exist or be empty."""
+    leaves nothing that looks valid. ``out_dir`` must not exist or be empty (unless ``force``:
+    then it is replaced whole, once the new folder is complete)."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise InteropError(f"{out_dir} already exists and is not empty; choose a new output folder")
+    refuse_to_replace([out_dir], force)
     max_bytes = parse_size(max_shard_size)
     run_dir, ckpt = _locate(run_dir_or_checkpoint, checkpoint)
     cfg = RunDir(run_dir).load_config()  # its relative paths taken from where it was launched
@@ -314,7 +314,7 @@ def export_hf(run_dir_or_checkpoint: str | Path, out_dir: str | Path,
                                "export an earlier checkpoint with --checkpoint")
     tensors = to_hf_state_dict(state, tied=cfg.model.tie_embeddings)
 
-    with staging_dir(out_dir) as tmp:  # an existing out_dir is empty (checked above)
+    with staging_dir(out_dir) as tmp:  # an existing out_dir is empty, or replaced (force)
         ids = write_hf_tokenizer(tok_path, tmp)
         config = hf_config_from_model(cfg.model, ids)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")

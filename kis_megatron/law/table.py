@@ -224,7 +224,14 @@ def select_curves(
                 f"column {col!r} is empty, NaN or infinite in {bad.size} {metric} row(s) "
                 f"(table row(s) {_row_ids(where[bad])}); remove or fix them"
             )
-        if col != "value":
+        if col == "value":
+            bad = np.flatnonzero((vals < 0) | (vals > 1))
+            if bad.size:
+                raise LawInputError(
+                    f"{metric} is fitted as an accuracy, a fraction in [0, 1], but is "
+                    f"{vals[bad[0]]:g} in {bad.size} row(s) (table row(s) {_row_ids(where[bad])})"
+                    + ("; percentages? divide them by 100" if np.all(vals <= 100) else ""))
+        else:
             bad = np.flatnonzero(vals <= 0)
             if bad.size:
                 raise LawInputError(

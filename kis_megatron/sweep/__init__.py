@@ -14,7 +14,7 @@ A sweep file::
       infusion:                              # a value axis: values and a template
         values: [32, 128, 512, 2048]
         name: "f{value:04d}"                 # str.format with `value`; default "<axis>{value}"
-        overrides: {infusion.value: "{value}", infusion.domain: "data/f{value}/shard"}
+        overrides: {infusion.facts: "{value}"}    # with infusion.kind: domain_facts in base
         integer: true                        # generated levels are rounded to integers
       seed: {values: [0, 1], name: "s{value}", overrides: {train.seed: "{value}"}}
 
@@ -32,7 +32,7 @@ Refinement (``tools/sweep.py FILE --refine``; sweep/refine.py)::
 
     refine:
       axis: infusion            # a value axis; its values must be what run.json logs as the
-                                #   infusion value (infusion.value, else infusion.ratio)
+                                #   infusion value (the knob of infusion.kind)
       metric: retention/domain
       chance: auto              # as fit_law --chance: a number, auto, or omitted (fitted floor)
       target_width: 0.15        # decades: a curve is done when its collapse CI is this narrow

@@ -12,7 +12,8 @@ from typing import Optional
 
 import yaml
 
-from kis_megatron.config import ConfigError, load_config
+from kis_megatron.config import ConfigError, infusion_value, load_config
+from kis_megatron.utils import read_yaml
 from kis_megatron.sweep.spec import (
     Axis,
     Point,
@@ -36,7 +37,7 @@ class SweepRun:
     params: int = 0  # model parameters, for ordering
     points: dict[str, Point] = field(default_factory=dict)  # axis -> its point
     tokens: int = 0  # token budget D: global_batch * seq_len * steps
-    infusion: float = 0.0  # the infusion value run.json logs (infusion.value, else the ratio)
+    infusion: Optional[float] = None  # the infusion value run.json logs (config.infusion_value)
     origin: str = "grid"  # grid | refine round K | validation
 
     def override_args(self) -> list[str]:
@@ -69,10 +70,7 @@ def load_sweep(path: str | Path) -> Sweep:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"sweep file not found: {path}")
-    try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    doc = read_yaml(path, ConfigError, "the sweep file") or {}
     if not isinstance(doc, dict):
         raise ConfigError(f"{path}: the top level must be a mapping with base, out, axes "
                           f"(and overrides, refine, validate), not a {type(doc).__name__}")
@@ -136,16 +134,17 @@ def build_run(sweep: Sweep, points: dict[str, Point], origin: str = "grid") -> S
         raise ConfigError(f"{sweep.path}: run {run_id}: {e}") from None
     run.params = model_sizes(cfg.model, cfg.data.seq_len)["model_params"]
     run.tokens = cfg.train.global_batch * cfg.data.seq_len * cfg.train.steps
-    inf = cfg.infusion
-    run.infusion = float(inf.value if inf.value is not None else inf.ratio)
+    run.infusion = infusion_value(cfg.infusion)
     if sweep.refine is not None:
         axis = sweep.refine.axis
-        if axis in points and abs(run.infusion - points[axis].value) > 1e-9 * abs(points[axis].value):
+        if axis in points and (run.infusion is None or
+                               abs(run.infusion - points[axis].value) > 1e-9 * abs(points[axis].value)):
+            logged = "every fact of the shard" if run.infusion is None else f"{run.infusion:g}"
             raise ConfigError(
                 f"{sweep.path}: run {run_id}: refine axis '{axis}' has the value {points[axis].value} but the "
-                f"run logs the infusion value {run.infusion:g} (infusion.value, else infusion.ratio); "
-                f"add infusion.value: \"{{value}}\" to the overrides of axis '{axis}' so that refinement "
-                "and fit_law measure the same levels")
+                f"run logs the infusion value {logged} (infusion.kind={cfg.infusion.kind}); make the axis "
+                "set the knob of that kind (infusion.ratio, infusion.facts, or infusion.value with "
+                "infusion.kind=custom) so that refinement and fit_law measure the same levels")
     return run
 
 

@@ -212,8 +212,9 @@ class CheckpointManager:
     # ------------------------------------------------------------------ save
 
     def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-             extra: dict[str, Any]) -> Path:
-        """Save atomically; ``extra`` holds small picklable state (scheduler, data position)."""
+             extra: dict[str, Any], files: Optional[dict[str, str]] = None) -> Path:
+        """Save atomically; ``extra`` holds small picklable state (scheduler, data position),
+        ``files`` small text files (name -> content) that rank 0 writes beside it."""
         name = f"step_{step:08d}"
         final, tmp = self.dir / name, self.dir / f".tmp-{name}"
         bad = _first_nonfinite(model)
@@ -237,6 +238,8 @@ class CheckpointManager:
         atomic_write(tmp / f"extra_rank{rank}.pt", lambda f: torch.save(state, f))
         _barrier()
         if rank == 0:
+            for fname, text in (files or {}).items():
+                atomic_write_text(tmp / fname, text)
             atomic_write_text(tmp / "COMPLETE", f"{step}\n")
             # Every file flushed, then renamed into place; an existing one (a step saved
             # again, e.g. the final save after a periodic one) is replaced whole.

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from kis_megatron.config import LogConfig
 from kis_megatron.errors import KisError
+from kis_megatron.run_dir import RunDir
 from kis_megatron.utils import atomic_write_text, read_jsonl
 
 
@@ -27,7 +28,7 @@ class MetricsLogger:
                  enabled: bool = True):
         self.run_dir, self.cfg, self.enabled = run_dir, cfg, enabled
         self.total_steps, self.start_step = total_steps, start_step
-        self.metrics_path = run_dir / "metrics.jsonl"
+        self.metrics_path = RunDir(run_dir).metrics_path
         self._file = self._tb = self._bar = None
         self._t0 = time.time()
         if not enabled:
@@ -42,7 +43,7 @@ class MetricsLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             # purge_step drops events a killed run wrote past the checkpoint we resume from
-            self._tb = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
+            self._tb = SummaryWriter(str(RunDir(run_dir).tb_dir), purge_step=start_step + 1 if start_step else None)
         mode = cfg.progress
         if mode == "auto":
             mode = "bar" if sys.stderr.isatty() else "lines"
@@ -103,12 +104,14 @@ class MetricsLogger:
             print(text, flush=True)
 
     def close(self) -> None:
+        """Flush and close everything (again: nothing)."""
         if self._bar is not None:
             self._bar.close()
         if self._tb is not None:
             self._tb.close()
         if self._file is not None:
             self._file.close()
+        self._bar = self._tb = self._file = None
 
 
 def _fmt_time(seconds: float) -> str:

@@ -19,9 +19,10 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from kis_megatron.config import Config, ConfigError
-from kis_megatron.infusion.stream import TrainStream, build_train_stream, build_validation_windows
-from kis_megatron.errors import KisError
+from kis_megatron.config import Config, ConfigError, config_yaml
+from kis_megatron.infusion.stream import (TrainStream, build_train_stream, build_validation_windows,
+                                          realised_infusion_value)
+from kis_megatron.errors import KisError, StorageError, os_error_in
 from kis_megatron.interop.hf import load_init
 from kis_megatron.eval.probing import ProbeRunner
 from kis_megatron.model.llama import ModelDims, Transformer, model_sizes
@@ -31,7 +32,7 @@ from kis_megatron.parallel.dims import ParallelDims, any_rank, from_rank0, init_
 from kis_megatron.parallel.parallelize import parallelize
 from kis_megatron.parallel.pipeline import check_microbatches
 from kis_megatron.parallel.tensor_parallel import check_tp, clip_grad_norm_
-from kis_megatron.run_dir import RunDir
+from kis_megatron.run_dir import CONFIG_FILE, RunDir, RunLock
 from kis_megatron.training.checkpoint import (CheckpointError, CheckpointManager, check_fits, damage,
                                                model_shapes, set_rng_state)
 from kis_megatron.training.device import autocast_context, peak_tflops, resolve_device
@@ -55,18 +56,29 @@ class Trainer:
         self.run_dir = RunDir(cfg.log.dir)
         self.launch_dir = os.getcwd()  # run.json records it: tools resolve relative paths from it
         self._setup_processes()
-        resume_from = self._open_run_dir()
-        self._build_data()
-        self._build_model()
-        self._build_optimizer()
-        self.step = 0
-        self.nonfinite_steps = 0  # steps skipped so far because the loss or gradients were not finite
-        if resume_from is not None:
-            self._load(resume_from)
-        self.probes = (ProbeRunner(cfg.eval, cfg.data.tokenizer, self.device, facts=cfg.infusion.facts)
-                       if cfg.eval.probes else None)
-        if self.dims.world_size > 1:  # every rank has checked the run dir before any writes
-            dist.barrier()
+        self.lock: Optional[RunLock] = None  # rank 0's hold on the run directory
+        try:
+            resume_from = self._open_run_dir()
+            self._build_data()
+            self._build_model()
+            self._build_optimizer()
+            self.step = 0
+            self.nonfinite_steps = 0  # steps skipped so far because the loss or gradients were not finite
+            if resume_from is not None:
+                self._load(resume_from)
+            self.probes = (ProbeRunner(cfg.eval, cfg.data.tokenizer, self.device, facts=cfg.infusion.facts)
+                           if cfg.eval.probes else None)
+            if self.dims.world_size > 1:  # every rank has checked the run dir before any writes
+                dist.barrier()
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Let go of the run directory (fit does, at its end)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     # ---------------------------------------------------------------- build steps
 
@@ -98,14 +110,28 @@ class Trainer:
 
     def _open_run_dir(self) -> Optional[Path]:
         """The checkpoint to resume from (None: a new run), refused before anything is built
-        or written when the run directory holds another run or the checkpoint another model."""
+        or written when another process holds the run directory, or it holds another run, or
+        the checkpoint another model."""
         cfg = self.cfg
+        mine = None
+        if self.is_main:
+            try:
+                self.lock = self.run_dir.lock()
+            except KisError as e:
+                mine = e
+        shared = from_rank0(str(mine) if mine is not None else None)
+        if mine is not None:
+            raise mine
+        if shared is not None:
+            raise ConfigError(shared)
         self.ckpt = CheckpointManager(self.run_dir.checkpoints_dir, keep=cfg.checkpoint.keep,
                                       tp_group=self.tp_group)
         # restarted: resume=auto found no checkpoint, so the run starts afresh
         resume_from, self.restarted = self.run_dir.resume_decision(cfg, self._resume_path())
         if resume_from is not None:
             check_fits(resume_from, model_shapes(cfg.model))
+        if self.lock is not None:
+            self.lock.announce()
         return resume_from
 
     def _build_data(self) -> None:
@@ -114,6 +140,7 @@ class Trainer:
         self.stream: TrainStream = build_train_stream(
             cfg.data, cfg.infusion, vocab_size=cfg.model.vocab_size, seed=t.seed,
             global_batch=t.global_batch, steps=t.steps, dp_rank=self.dp_rank, dp_size=self.dp_size)
+        self.infusion_value = realised_infusion_value(cfg.infusion, self.stream.describe())
         self.val_windows = build_validation_windows(cfg.data, cfg.model.vocab_size,
                                                     cfg.eval.val_batches * t.micro_batch)
 
@@ -174,7 +201,8 @@ class Trainer:
     def _save(self) -> None:
         extra = {"scheduler": self.scheduler.state_dict(), "data": self.stream.state_dict(),
                  "nonfinite_steps": self.nonfinite_steps}
-        self.ckpt.save(self.step, self.model, self.optimizer, extra)
+        self.ckpt.save(self.step, self.model, self.optimizer, extra,
+                       files={CONFIG_FILE: config_yaml(self.cfg)})  # a resume's settings to compare
 
     # ---------------------------------------------------------------- evaluation
 
@@ -267,7 +295,7 @@ class Trainer:
             **self.model_sizes,
             "tokens_per_step": self.cfg.train.global_batch * self.cfg.data.seq_len,
             "total_steps": self.cfg.train.steps,
-            "infusion": {"kind": inf.kind, "value": inf.value if inf.value is not None else inf.ratio,
+            "infusion": {"kind": inf.kind, "value": self.infusion_value,
                          "ratio": inf.ratio, **self.stream.describe()},
             "status": status,
             "nonfinite_steps": self.nonfinite_steps,
@@ -280,9 +308,16 @@ class Trainer:
     def fit(self) -> dict:
         """Train to ``train.steps`` (or ``train.stop_after``); returns the last evaluation."""
         cfg = self.cfg
-        log = self._start_log()
+        if self.step >= cfg.train.steps and self.run_dir.status() == "finished":
+            if self.is_main:  # nothing to do, and a finished measurement stays as it is
+                print(f"{self.run_dir.path}: the run finished at step {self.step} already",
+                      file=sys.stderr, flush=True)
+            self.close()
+            return {}
+        log: Optional[MetricsLogger] = None
         last_eval: dict = {}
         try:
+            log = self._start_log()
             while self.step < cfg.train.steps:
                 t0 = time.perf_counter()
                 loss, grad_norm, stats, applied = self.train_step()
@@ -301,16 +336,27 @@ class Trainer:
                     log.message(f"stopping after step {self.step} (train.stop_after); "
                                 "continue with checkpoint.resume=auto")
                     break
+            log.close()  # every metrics line is on disk before run.json says finished
+            self.write_run_info("finished" if self.step == cfg.train.steps else "stopped")
         except KeyboardInterrupt:
             self.write_run_info("interrupted")
             raise
         except Exception as e:  # the run is not a measurement: the law tools leave it out
+            refused = None if isinstance(e, KisError) else os_error_in(e)
+            if refused is not None:  # a full disk, a path gone: one line, at the boundary
+                e = StorageError.from_os_error(refused, f"at step {self.step}:")
             reason = str(e) if isinstance(e, KisError) else f"{type(e).__name__}: {e}"
-            self.write_run_info("failed", reason)
+            try:
+                self.write_run_info("failed", reason)
+            except OSError:  # the same disk may refuse run.json too; the error still says why
+                pass
+            if refused is not None:
+                raise e from None
             raise
         finally:
-            log.close()
-        self.write_run_info("finished" if self.step == cfg.train.steps else "stopped")
+            if log is not None:
+                log.close()
+            self.close()  # the run directory is let go only after its last write
         return last_eval
 
     def _start_log(self) -> MetricsLogger:

@@ -17,6 +17,7 @@ from kis_megatron.data.indexed_dataset import (
 )
 from kis_megatron.data.preprocess import preprocess
 from kis_megatron.data.tokenizer import Tokenizer
+from kis_megatron.utils import OutputExists
 
 _TOOLS = Path(__file__).resolve().parents[2] / "tools"
 
@@ -141,21 +142,24 @@ def test_errors_name_the_problem(tmp_path, tiny_tokenizer):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n\n{"text": "broken"\n', encoding="utf-8")
     with pytest.raises(DataError, match="bad.jsonl:3: invalid JSON"):
-        preprocess(bad, prefix, tiny_tokenizer, progress=False)
+        preprocess(bad, prefix, tiny_tokenizer, progress=False, force=True)
     nokey = _write_jsonl(tmp_path / "nokey.jsonl", [{"text": "a"}, {"body": "b"}])
     with pytest.raises(DataError, match="nokey.jsonl:2: no key 'text' \\(keys: body\\)"):
-        preprocess(nokey, prefix, tiny_tokenizer, workers=2, chunk_size=1, progress=False)
+        preprocess(nokey, prefix, tiny_tokenizer, workers=2, chunk_size=1, progress=False, force=True)
     badlab = _write_jsonl(tmp_path / "badlab.jsonl", [{"text": "a", "fact_id": "x"}])
     with pytest.raises(DataError, match="badlab.jsonl:1: document label 'fact_id' must be an integer"):
-        preprocess(badlab, prefix, tiny_tokenizer, doc_key="fact_id", progress=False)
+        preprocess(badlab, prefix, tiny_tokenizer, doc_key="fact_id", progress=False, force=True)
     empty = _write_jsonl(tmp_path / "empty.jsonl", [{"text": ""}, {"text": " \n "}])
     with pytest.raises(DataError, match="empty corpus"):
-        preprocess(empty, prefix, tiny_tokenizer, progress=False)
+        preprocess(empty, prefix, tiny_tokenizer, progress=False, force=True)
     with pytest.raises(DataError, match="--doc-key.*--format jsonl"):
-        preprocess(good, prefix, tiny_tokenizer, fmt="text", doc_key="fact_id")
+        preprocess(good, prefix, tiny_tokenizer, fmt="text", doc_key="fact_id", force=True)
     with pytest.raises(DataError, match="tokenizer model not found"):
-        preprocess(good, prefix, tmp_path / "none.model")
-    # Every failure left the earlier dataset exactly as it was, and no temp files.
+        preprocess(good, prefix, tmp_path / "none.model", force=True)
+    with pytest.raises(OutputExists, match="keep.bin.*already exist.*--force"):
+        preprocess(good, prefix, tiny_tokenizer, progress=False)  # not asked to replace
+    # Every failure (with force too: a failed run replaces nothing) left the earlier dataset
+    # exactly as it was, and no temp files.
     assert {ext: _read(prefix + ext) for ext in before} == before
     assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
 

@@ -112,8 +112,8 @@ def test_facts_errors_name_the_key(shards):
     with pytest.raises(DataError, match="infusion.facts=1: .* fewer than one window"):
         stream(shards, 1, **{"data.seq_len": 64, "model.max_seq_len": 64})
     with pytest.raises(ConfigError, match="infusion.facts: .*infusion.domains"):
-        stream(shards, 3, **{"infusion.domain": "null",
-                             "infusion.domains": f"[{{name: d, path: {shards['domain']}}}]"})
+        stream(shards, 3, **{"infusion.domain": "null", "infusion.ratio": 0,
+                             "infusion.domains": f"[{{name: d, path: {shards['domain']}, ratio: 0.1}}]"})
 
 
 def test_fact_ids_with_a_gap_are_refused(tmp_path):

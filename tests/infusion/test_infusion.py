@@ -518,7 +518,7 @@ def test_dp_and_state_errors():
     with pytest.raises(InfusionError, match="seq_len"):
         build([[9] * 20, [9] * 20], 0.2, 8, 6, 5).load_state_dict(b.state_dict())
     other = build([[9] * 20, [9] * 20], 0.3, 4, 6, 5)
-    with pytest.raises(InfusionError, match="pieces"):
+    with pytest.raises(InfusionError, match="the infusion ratio or schedule"):
         other.load_state_dict(b.state_dict())
     state = b.state_dict()
     state["samples"] = [3, 3]

@@ -16,6 +16,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 from _corpus import ROOT, tiny_overrides, torchrun, train_rows  # noqa: E402
 from kis_megatron.config import ModelConfig, load_config, save_config  # noqa: E402
 from kis_megatron.data.tokenizer import Tokenizer  # noqa: E402
+from kis_megatron.errors import KisError  # noqa: E402
 from kis_megatron.interop.hf import InteropError, export_hf, import_hf, load_init  # noqa: E402
 from kis_megatron.model.llama import Transformer  # noqa: E402
 from kis_megatron.training.trainer import Trainer  # noqa: E402
@@ -210,7 +211,7 @@ def test_load_init_names_a_mismatch_and_export_refuses_a_used_folder(untied, tmp
         load_init(other, str(untied["hf_dir"]))
     (tmp_path / "used").mkdir()
     (tmp_path / "used" / "keep.txt").write_text("x")
-    with pytest.raises(InteropError, match="not empty"):
+    with pytest.raises(KisError, match="used already exists.*--force"):
         export_hf(untied["dir"] / "run", tmp_path / "used")
     assert os.listdir(tmp_path / "used") == ["keep.txt"]
     # a shard missing from a sharded folder is named

@@ -154,7 +154,9 @@ def test_a_checkpoint_of_another_model_is_one_clear_error(world_corpus, tmp_path
     proc = run_cli(*tiny_overrides(world_corpus, tmp_path / "three_layers", **{
         "model.n_layers": 3, "checkpoint.resume": str(first / "checkpoints" / "step_00000001")}))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert "lacks model.layers.2." in proc.stderr and "saved from another model" in proc.stderr
+    # The settings the checkpoint holds name the key; the tensors themselves are checked too
+    # (tests/test_fault_catalogue.py: a checkpoint of another model names the first tensor).
+    assert "model.n_layers=3 differs from model.n_layers=2" in proc.stderr
 
 
 def test_shards_made_with_another_tokenizer_are_refused(world_corpus, tmp_path):
