@@ -83,7 +83,7 @@ def test_the_config_key_is_checked():
     from kis_megatron.config import ConfigError, load_config
 
     assert load_config(None, []).train.recompute == "none"
-    with pytest.raises(ConfigError, match="train.recompute: 'most' is not one of none, selective"):
+    with pytest.raises(ConfigError, match="train.recompute='most': must be one of none, selective, full"):
         load_config(None, ["train.recompute=most"])
 
 
