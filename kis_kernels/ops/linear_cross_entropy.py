@@ -145,9 +145,9 @@ def linear_cross_entropy_forward(
     1-D int64 ``target`` (N,).
 
     Returns (loss, grad_hidden, grad_weight, n_valid): the mean loss (fp32), the
-    gradients of the *summed* loss (None when not requested; grad_weight is accumulated
-    over chunks in weight's dtype, as Liger does: cuBLAS adds each chunk in fp32 and
-    rounds once) and the number of non-ignored targets (a 0-dim tensor, no host sync).
+    gradients of the *summed* loss (None when not requested; grad_weight in float32 or
+    wider, see :func:`accumulate_grad_weight`) and the number of non-ignored targets (a
+    0-dim tensor, no host sync).
     """
     n_rows, hidden_size = hidden.shape
     vocab_local = weight.shape[0]
@@ -159,7 +159,8 @@ def linear_cross_entropy_forward(
     need_grads = need_grad_hidden or need_grad_weight
 
     grad_hidden = torch.empty_like(hidden) if need_grad_hidden else None
-    grad_weight = torch.zeros_like(weight) if need_grad_weight else None
+    grad_weight = (torch.zeros_like(weight, dtype=torch.promote_types(weight.dtype, torch.float32))
+                   if need_grad_weight else None)
     loss_rows = torch.zeros(n_rows, dtype=torch.float32, device=device)
     logits_buf = torch.empty((min(chunk, n_rows), vocab_local), dtype=hidden.dtype, device=device)
     stats_buf = torch.empty((3, min(chunk, n_rows)), dtype=torch.float32, device=device)
@@ -185,19 +186,37 @@ def linear_cross_entropy_forward(
         if grad_hidden is not None:
             torch.mm(logits, weight, out=grad_hidden[start:end])
         if grad_weight is not None:
-            grad_weight.addmm_(logits.t(), h)
+            accumulate_grad_weight(grad_weight, logits, h)
     n_valid = (target != ignore_index).sum()
     loss = loss_rows.sum() / n_valid.clamp(min=1)
     return loss, grad_hidden, grad_weight, n_valid
 
 
-def linear_cross_entropy_backward(grad_output, grad_hidden, grad_weight, n_valid):
-    """Scale the stored gradients of the summed loss by grad_output / n_valid."""
+def accumulate_grad_weight(acc: torch.Tensor, grad_logits: torch.Tensor, h: torch.Tensor) -> None:
+    """acc += grad_logits.T @ h, with ``acc`` in float32 (or wider) whatever the inputs' dtype.
+
+    With bf16 inputs the chunk's product is rounded to bf16 once (the matmul itself adds in
+    fp32) and summed into the fp32 accumulator, so the error does not grow with the number of
+    chunks, as it does when the running sum itself is bf16 (about 1% at 32 chunks). The
+    price is an fp32 copy of the weight's gradient while the step runs."""
+    if grad_logits.dtype == acc.dtype:
+        acc.addmm_(grad_logits.t(), h)
+    else:
+        acc.add_(torch.mm(grad_logits.t(), h))
+
+
+def linear_cross_entropy_backward(grad_output, grad_hidden, grad_weight, n_valid, inplace=True):
+    """Scale the stored gradients of the summed loss by grad_output / n_valid: in place by
+    default (no second V x H buffer at the step's peak; the stored gradients are then spent,
+    so a second backward must be refused), else into new tensors."""
     scale = grad_output / n_valid.clamp(min=1)
-    return (
-        grad_hidden * scale.to(grad_hidden.dtype) if grad_hidden is not None else None,
-        grad_weight * scale.to(grad_weight.dtype) if grad_weight is not None else None,
-    )
+
+    def scaled(g):
+        if g is None:
+            return None
+        return g.mul_(scale.to(g.dtype)) if inplace else g * scale.to(g.dtype)
+
+    return scaled(grad_hidden), scaled(grad_weight)
 
 
 def _without_autocast(forward):
@@ -222,14 +241,25 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             hidden, weight, target, ignore_index, group, chunk_size, need_h, need_w
         )
         ctx.save_for_backward(grad_hidden, grad_weight, n_valid)
+        ctx.weight_dtype = weight.dtype
         return loss
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):
+        _once(ctx)
         grad_hidden, grad_weight, n_valid = ctx.saved_tensors
         dh, dw = linear_cross_entropy_backward(grad_output, grad_hidden, grad_weight, n_valid)
-        return dh, dw, None, None, None, None, None, None
+        return dh, dw.to(ctx.weight_dtype) if dw is not None else None, None, None, None, None, None, None
+
+
+def _once(ctx) -> None:
+    """The stored gradients are scaled in place: a second backward through the same graph
+    (retain_graph=True) would scale them twice, so it is refused."""
+    if getattr(ctx, "backward_done", False):
+        raise RuntimeError("linear_cross_entropy: backward ran twice through one forward; "
+                           "the fused loss does not support retain_graph=True")
+    ctx.backward_done = True
 
 
 class _ChunkedReferenceFunction(torch.autograd.Function):
@@ -262,21 +292,19 @@ class _ChunkedReferenceFunction(torch.autograd.Function):
             idx = local.clamp(0, vocab_local - 1)[:, None]
             picked = logits.gather(1, idx).squeeze(1)
             row_target = torch.where(owned, picked, 0.0)
-            if group is None:  # fewest passes over the chunk: fused logsumexp, then one exp
-                chunk_lse, tgt = torch.logsumexp(logits, dim=1), row_target
-                logits.sub_(chunk_lse[:, None])
-            else:  # the max and the sum of exponentials are reduced across the vocab shards
-                row_max = logits.max(dim=1).values
-                logits.sub_(row_max[:, None])
-                row_sumexp = logits.exp().sum(dim=1)
-                chunk_lse, tgt = _global_lse(row_max, row_sumexp, row_target, group)
-                logits.sub_((chunk_lse - row_max)[:, None])
+            # One exp pass over the chunk: exp(logits - row max) gives the sum of exponentials
+            # and, divided by it, the softmax (the exp dominates this loop on CPU).
+            row_max = logits.amax(dim=1)
+            logits.sub_(row_max[:, None]).exp_()
+            row_sumexp = logits.sum(dim=1)
+            # Across vocab shards the max and the sum are reduced; the softmax then divides by
+            # the whole row's sum taken at this shard's max.
+            chunk_lse, tgt = _global_lse(row_max, row_sumexp, row_target, group)
+            row_total = row_sumexp if _shard(group)[1] == 1 else (chunk_lse - row_max).exp()
             loss_rows[start:end] = torch.where(valid, chunk_lse - tgt, 0.0)
             if need_h or need_w:
                 # d(sum of losses)/d logits = softmax - one_hot(target), zero for ignored rows
-                logits.exp_()
-                if not bool(valid.all()):
-                    logits.mul_(valid.to(compute)[:, None])
+                logits.mul_((valid.to(compute) / row_total)[:, None])
                 logits.scatter_add_(1, idx, -owned.to(compute)[:, None])
                 if need_h:
                     grad_hidden[start:end] = logits @ w
@@ -290,8 +318,9 @@ class _ChunkedReferenceFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):
+        # Out of place: the reference keeps supporting retain_graph (and gradcheck).
         grad_hidden, grad_weight, n_valid = ctx.saved_tensors
-        dh, dw = linear_cross_entropy_backward(grad_output, grad_hidden, grad_weight, n_valid)
+        dh, dw = linear_cross_entropy_backward(grad_output, grad_hidden, grad_weight, n_valid, inplace=False)
         h_dtype, w_dtype = ctx.dtypes
         return (dh.to(h_dtype) if dh is not None else None, dw.to(w_dtype) if dw is not None else None,
                 None, None, None, None, None, None)
@@ -316,15 +345,18 @@ def _flatten_checked(hidden, weight, target, ignore_index, group):
     hidden = hidden.reshape(-1, hidden.shape[-1])
     target = target.reshape(-1).to(torch.int64).contiguous()
     vocab = weight.shape[0] * _shard(group)[1]
-    # One host sync per call: the kernels mask ids they do not own, so an id outside the
-    # vocabulary would otherwise give a silently wrong loss instead of an error.
-    bad = (target != ignore_index) & ((target < 0) | (target >= vocab))
-    if bool(bad.any()):
-        first = int(target[bad][0])
-        raise ValueError(
-            f"linear_cross_entropy: target id {first} is outside the vocabulary [0, {vocab}) "
-            f"and is not ignore_index={ignore_index}"
-        )
+    # The kernels mask ids they do not own, so an id outside the vocabulary would give a
+    # silently wrong loss instead of an error. Checked where it costs nothing (CPU); on a GPU
+    # the check would stall the host every step, and the trainer's tokens were checked
+    # against the vocabulary when the shards were read (infusion/stream.py).
+    if target.device.type == "cpu":
+        bad = (target != ignore_index) & ((target < 0) | (target >= vocab))
+        if bool(bad.any()):
+            first = int(target[bad][0])
+            raise ValueError(
+                f"linear_cross_entropy: target id {first} is outside the vocabulary [0, {vocab}) "
+                f"and is not ignore_index={ignore_index}"
+            )
     return hidden, target
 
 

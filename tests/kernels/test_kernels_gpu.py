@@ -9,9 +9,8 @@ appends the observed errors as JSON lines for the record. On CPU the same checks
 fp32 at small shapes through Triton's interpreter, which tests this file itself.
 
 The bf16 tolerances follow from bf16's rounding (2^-8 ~ 3.9e-3 relative per element): 1e-2
-for elementwise outputs and gradients; the fused loss rounds each logits chunk and its
-gradient to bf16 and accumulates grad_weight in bf16 across chunks, hence 5e-2 for its
-gradients. They have not yet met a GPU: the first run records the real errors.
+for elementwise outputs and gradients and for the fused loss's gradients (it rounds each
+logits chunk and its gradient to bf16, and sums grad_weight's chunks in fp32). They have not yet met a GPU: the first run records the real errors.
 """
 
 import json
@@ -26,7 +25,7 @@ from kis_kernels._triton import interpreter_active
 pytestmark = [pytest.mark.slow]  # on CPU: the Triton kernels through the interpreter
 
 TOL = {  # (outputs, gradients) by dtype; the loss value itself: LOSS_TOL
-    torch.bfloat16: {"elementwise": (1e-2, 1e-2), "linear_cross_entropy": (5e-3, 5e-2)},
+    torch.bfloat16: {"elementwise": (1e-2, 1e-2), "linear_cross_entropy": (5e-3, 1e-2)},
     torch.float32: {"elementwise": (1e-5, 1e-5), "linear_cross_entropy": (1e-5, 1e-4)},
 }
 SHAPES = {
