@@ -47,7 +47,7 @@ import torch
 
 from kis_kernels.ops.linear_cross_entropy import default_chunk_rows
 from kis_megatron.config import Config, ConfigError
-from kis_megatron.model.llama import ModelDims, Transformer, llama_ffn_dim, model_sizes
+from kis_megatron.model.llama import ModelDims, Transformer, llama_ffn_dim, model_sizes, on_meta_device
 from kis_megatron.parallel.pipeline import PipelineLayout, check_microbatches
 from kis_megatron.parallel.tensor_parallel import check_tp, tp_shard_dim
 from kis_megatron.training.device import GPUS
@@ -93,7 +93,7 @@ def stage_parameters(cfg: Config, layout: Layout) -> list[dict]:
     bf16 copies)."""
     out = []
     for pp_rank in range(layout.pp):
-        with torch.device("meta"):
+        with on_meta_device():
             model = Transformer(cfg.model)
         stage = PipelineLayout(cfg.model.n_layers, cfg.parallel, pp_rank) if layout.pp > 1 else None
         if stage is not None:

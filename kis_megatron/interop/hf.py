@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 
 from kis_megatron.config import ConfigError, ModelConfig
 from kis_megatron.interop.hf_tokenizer import write_hf_tokenizer
-from kis_megatron.model.llama import Transformer, llama_ffn_dim
+from kis_megatron.model.llama import Transformer, llama_ffn_dim, on_meta_device
 from kis_megatron.parallel.parallelize import build_model, local_slice
 from kis_megatron.training.checkpoint import CheckpointError, CheckpointManager, verify
 from kis_megatron.run_dir import RunDir
@@ -358,7 +358,7 @@ def import_hf(hf_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     fields = model_fields_from_hf_config(hf_cfg)
     state = from_hf_state_dict(_read_hf_weights(hf_dir), tied=fields["tie_embeddings"])
     # The shapes a model of this config expects, from a model built on the meta device.
-    with torch.device("meta"):
+    with on_meta_device():
         ref = Transformer(ModelConfig(**fields, kernels=False))
     _check_state(ref.state_dict(), state, source=str(hf_dir))
     return fields, state
@@ -395,7 +395,7 @@ def load_init(model: torch.nn.Module, spec: str) -> None:
         if fields[key] != value:
             raise InteropError(f"model.init_from: model.{key}={value} but {spec[3:]} has "
                                f"{key}={fields[key]}; set model.{key}={fields[key]}")
-    with torch.device("meta"):  # the whole model's names and shapes, for any rank's part too
+    with on_meta_device():  # the whole model's names and shapes, for any rank's part too
         whole = Transformer(cfg)
     _check_state(whole.state_dict(), state, source=spec[3:])
     params = dict(model.named_parameters(remove_duplicate=False))

@@ -14,6 +14,7 @@ computes its own loss (``LMHead.loss``; a vocabulary-parallel head computes it o
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -21,6 +22,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from kis_megatron.config import ModelConfig
 from kis_megatron.model import ops
@@ -68,10 +70,15 @@ class RMSNorm(nn.Module):
 
 
 def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of shape (max_seq_len, head_dim // 2), in float32 ("rotate half" layout)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
-    return angles.cos().float(), angles.sin().float()
+    """cos and sin of shape (max_seq_len, head_dim // 2), in float32 ("rotate half" layout),
+    on the default device. Computed on the CPU whatever that device is, so that every device
+    gets the same tables, and a model laid out on the meta device does not pay for torch's
+    Python meta path (whose first use imports torch._dynamo, ~1 s)."""
+    cpu = torch.device("cpu")
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=cpu) / head_dim))
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64, device=cpu), inv_freq)
+    device = torch.get_default_device()
+    return angles.cos().float().to(device), angles.sin().float().to(device)
 
 
 class CoreAttention(nn.Module):
@@ -236,10 +243,29 @@ class Transformer(nn.Module):
         return 6.0 * matmul_params + 12.0 * d.n_layers * d.dim * seq_len
 
 
+class _SkipRandomInit(TorchFunctionMode):
+    """Random initialisers return their tensor untouched: on the meta device they have no
+    values to fill, and torch runs them through its Python meta path, whose first use
+    imports torch._dynamo (~1 s of every run's start-up)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", "") in ("normal_", "uniform_"):
+            return args[0] if args else kwargs.get("tensor", kwargs.get("self"))
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def on_meta_device():
+    """Lay out modules built inside on the meta device: shapes only, no memory, no init."""
+    with torch.device("meta"), _SkipRandomInit():
+        yield
+
+
 def model_sizes(cfg: ModelConfig, seq_len: int) -> dict:
     """Parameter counts and training FLOPs per token of the whole model (counted on the
     meta device: no memory, whatever the size)."""
-    with torch.device("meta"):
+    with on_meta_device():
         model = Transformer(cfg)
     return {"model_params": model.num_params(),
             "model_params_non_embedding": model.num_params(non_embedding=True),

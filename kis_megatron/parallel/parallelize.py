@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from kis_megatron.config import Config, ModelConfig
-from kis_megatron.model.llama import Transformer
+from kis_megatron.model.llama import Transformer, on_meta_device
 from kis_megatron.parallel.data_parallel import apply_ddp
 from kis_megatron.parallel.dims import ParallelDims
 from kis_megatron.parallel.pipeline import Pipeline, PipelineLayout, tied_embedding_group
@@ -91,7 +91,7 @@ def build_model(cfg: ModelConfig, seed: int, device: str | torch.device = "cpu",
     generator = torch.Generator().manual_seed(seed)
     if parallelize is None:
         return Transformer(cfg, generator=generator).to(device)
-    with torch.device("meta"):
+    with on_meta_device():
         model = Transformer(cfg)
     order = [(name, p.shape) for name, p in model.named_parameters()]
     parallelize(model)

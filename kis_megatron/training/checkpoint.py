@@ -50,7 +50,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from kis_megatron.errors import KisError
-from kis_megatron.model.llama import Transformer
+from kis_megatron.model.llama import Transformer, on_meta_device
 from kis_megatron.parallel.dims import any_rank, from_rank0
 from kis_megatron.run_dir import complete_checkpoints
 from kis_megatron.training.optim import local_optimizer
@@ -298,7 +298,7 @@ class CheckpointManager:
 def model_shapes(model_cfg) -> dict[str, tuple[int, ...]]:
     """Name -> full shape of every tensor a checkpoint of this model holds (the
     single-process names and shapes whatever the layout), from a meta-device model."""
-    with torch.device("meta"):
+    with on_meta_device():
         model = Transformer(model_cfg)
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
