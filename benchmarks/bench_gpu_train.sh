@@ -9,14 +9,18 @@
 #   PRESET=350m STEPS=60 NPROCS=2 bash benchmarks/bench_gpu_train.sh
 #
 # Prints a Markdown table (median tokens/s and MFU over the steps after the first 10) to
-# paste into benchmarks/RESULTS.md. Extra arguments are passed to kis-train as overrides.
+# paste into benchmarks/RESULTS.md (also written to $TABLE when set). Extra arguments are
+# passed to kis-train as overrides. PYTHON names the interpreter (default python3); the
+# project need not be installed (the repository goes on PYTHONPATH).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PRESET=${PRESET:-125m} STEPS=${STEPS:-40} SEQ=${SEQ:-2048} MICRO=${MICRO:-8} NPROCS=${NPROCS:-2}
 OUT=${OUT:-out/bench_gpu_train}
-bash examples/tiny_ladder/run.sh --data-only
+PYTHON=$PY bash examples/tiny_ladder/run.sh --data-only
 data=out/tiny_ladder/data
-rm -rf "$OUT"
+mkdir -p "$OUT" && rm -rf "$OUT"/np[0-9]*  # its own runs only
 common=(model.preset=$PRESET model.max_seq_len=$SEQ data.seq_len=$SEQ
         data.train=$data/shards/general data.tokenizer=$data/tok/tok.model
         train.steps=$STEPS train.micro_batch=$MICRO train.warmup_steps=5 train.device=${DEVICE:-cuda}
@@ -25,13 +29,13 @@ counts=1
 [ "$NPROCS" -gt 1 ] && counts="1 $NPROCS"
 for n in $counts; do
     echo "== $n process(es)"
-    if ! torchrun --standalone --nproc-per-node "$n" -m kis_megatron.train "${common[@]}" \
+    if ! "$PY" -m torch.distributed.run --standalone --nproc-per-node "$n" -m kis_megatron.train "${common[@]}" \
             train.global_batch=$((MICRO * n)) log.dir="$OUT/np$n" > "$OUT.np$n.log" 2>&1; then
         echo "failed: $OUT.np$n.log ends with:"
         tail -n 3 "$OUT.np$n.log"
     fi
 done
-python - "$OUT" "$PRESET" "$SEQ" "$MICRO" <<'PY'
+"$PY" - "$OUT" "$PRESET" "$SEQ" "$MICRO" <<'PY' | tee "${TABLE:-/dev/null}"
 import json, statistics, sys
 from pathlib import Path
 import torch

@@ -260,6 +260,8 @@ def run_case(case: Case, name: str, timer: Timer, device: str, copy_bw: float) -
 
         step()
         if device == "cuda":
+            for t in leaves:  # the baseline holds the inputs only, not last step's gradients
+                t.grad = None
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
@@ -298,9 +300,8 @@ def render(rows: list[dict], header: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def append_atomically(path: str, text: str) -> None:
-    """Append ``text`` to ``path`` by writing the whole new file and renaming it in place."""
-    old = open(path).read() if os.path.exists(path) else "# Kernel benchmark results\n"
+def write_atomically(path: str, old: str, text: str) -> None:
+    """Write ``old`` followed by ``text`` to ``path`` through a temporary file and a rename."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=".md")
     try:
@@ -366,6 +367,9 @@ def main(argv=None) -> int:
     if not on_gpu:
         header.append("- CPU smoke run with tiny shapes: these numbers do not measure the kernels")
     rows = []
+    before = ""
+    if args.out:
+        before = open(args.out).read() if os.path.exists(args.out) else "# Kernel benchmark results\n"
     for case in cases:
         if wanted and case.op not in wanted:
             continue
@@ -373,10 +377,10 @@ def main(argv=None) -> int:
             rows.append(run_case(case, name, timer, args.device, bw))
             print(f"{case.op} {case.shape} {name}: "
                   f"{rows[-1].get('ms', rows[-1].get('error'))}", file=sys.stderr, flush=True)
+            if args.out:  # every row as it finishes: a time limit loses only the rows not run
+                write_atomically(args.out, before, render(rows, header))
     text = render(rows, header)
     print(text)
-    if args.out:
-        append_atomically(args.out, text)
     return 0
 
 

@@ -1,10 +1,12 @@
-"""Append the results of ``benchmarks/gpu_check.sh`` to benchmarks/RESULTS.md as one dated
-section: device and versions, each part's status, time and command, the kernel tests'
-summary and observed errors against float64, the kernel benchmark, the NCCL layout check and
-the 125M training throughput.
+"""The report of ``benchmarks/gpu_check.sh``: one Markdown section with the device and
+versions (the preflight), each part's status, time, command and last line, the kernel tests'
+observed errors against float64, the kernel benchmark, the NCCL layout check and the 125M
+training throughput. gpu_check.sh rewrites ``$OUT/report.md`` with it after every part;
+back on a machine that keeps files, ``--results`` appends it to benchmarks/RESULTS.md.
 
-    python benchmarks/gpu_check_report.py out/gpu_check --results benchmarks/RESULTS.md
-    python benchmarks/gpu_check_report.py out/gpu_check --print     # show, append nothing
+    python3 benchmarks/gpu_check_report.py out/gpu_check                  # -> out/gpu_check/report.md
+    python3 benchmarks/gpu_check_report.py FOLDER --results benchmarks/RESULTS.md
+    python3 benchmarks/gpu_check_report.py FOLDER --print                 # show, write nothing
 """
 
 from __future__ import annotations
@@ -13,29 +15,11 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import sys
 import tempfile
 from pathlib import Path
 
-
-def environment() -> str:
-    try:
-        import torch
-
-        dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA device"
-        count = torch.cuda.device_count()
-        parts = [f"{count} x {dev}", f"torch {torch.__version__} (CUDA {torch.version.cuda})"]
-    except ImportError:
-        parts = ["torch not importable"]
-    for name in ("triton", "liger_kernel"):
-        try:
-            mod = __import__(name)
-            parts.append(f"{name} {getattr(mod, '__version__', '?')}")
-        except ImportError:
-            parts.append(f"{name} not installed")
-    parts.append(f"python {platform.python_version()}")
-    return ", ".join(parts)
+TITLES = {"gpu": "GPU check", "cpu": "GPU check rehearsed on CPU (bare-box versions; not GPU figures)"}
 
 
 def _read(path: Path) -> str:
@@ -54,53 +38,61 @@ def kernel_errors(path: Path) -> str:
     return "\n".join(lines)
 
 
-def report(out: Path) -> str:
+def _cell(text: str) -> str:
+    return text.replace("|", "/").strip()
+
+
+def report(out: Path, mode: str = "gpu") -> str:
     parts = [line.split("\t") for line in _read(out / "parts.tsv").splitlines() if line]
-    lines = [f"## GPU check, {datetime.datetime.now().isoformat(timespec='seconds')}", "",
-             f"- {environment()}", "- command: `bash benchmarks/gpu_check.sh`", "",
-             "| part | status | seconds | command |", "|---|---|---|---|"]
-    lines += [f"| {name} | {status} | {secs} | `{cmd}` |" for name, status, secs, cmd in parts]
+    parts = [p + [""] * (5 - len(p)) for p in parts]
+    flag = "--cpu" if mode == "cpu" else ""
+    lines = [f"## {TITLES[mode]}, {datetime.datetime.now().isoformat(timespec='seconds')}", "",
+             f"- command: `{' '.join(['bash benchmarks/gpu_check.sh', flag]).strip()}`", "",
+             _read(out / "preflight.md") or "(no preflight)", "",
+             "| part | status | seconds | command | last line |", "|---|---|---|---|---|"]
+    lines += [f"| {n} | {s} | {t} | `{_cell(c)}` | {_cell(last)} |" for n, s, t, c, last in parts]
     if not parts:
-        lines.append("| (no part ran) | | | |")
-    tests_log = _read(out / "kernel_tests.log").splitlines()
-    lines += ["", "### Kernel tests on the GPU (bf16 and fp32 against float64)", "",
-              f"pytest: {tests_log[-1] if tests_log else '(no log)'}", "",
+        lines.append("| (no part ran) | | | | |")
+    done = {p[0] for p in parts}
+    lines += ["", "### Kernel tests (bf16 and fp32 against float64)", "",
               kernel_errors(out / "kernel_errors.jsonl")]
-    bench = _read(out / "kernel_bench.md")
-    lines += ["", "### Kernel benchmark", "", bench.removeprefix("# Kernel benchmark results").strip()
-              or "(no result; see kernel_bench.log)"]
-    if any(p[0] == "layouts_nccl" for p in parts):
-        lines += ["", "### Layouts over NCCL", "", _read(out / "layouts.md") or "(no result; see layouts_nccl.log)"]
-    train = [ln for ln in _read(out / "train_125m.log").splitlines() if ln.startswith("|") or ", torch " in ln]
-    lines += ["", "### 125M training throughput", "", "\n".join(train) or "(no result; see train_125m.log)"]
+    bench = _read(out / "kernel_bench.md").removeprefix("# Kernel benchmark results").strip()
+    lines += ["", "### Kernel benchmark", "", bench or "(no result yet; see check.log)"]
+    if "layouts_nccl" in done:
+        lines += ["", "### Layouts over NCCL", "", _read(out / "layouts.md") or "(no result; see check.log)"]
+    lines += ["", "### 125M training throughput", "", _read(out / "train.md") or "(no result yet; see check.log)"]
     return "\n".join(lines) + "\n"
 
 
-def append(results: Path, text: str) -> None:
-    """Append by writing the whole new file and renaming it (never a half-written file)."""
-    old = results.read_text() if results.is_file() else "# Recorded results\n"
-    fd, tmp = tempfile.mkstemp(dir=results.parent, prefix=".tmp_", suffix=".md")
+def _write(path: Path, text: str) -> None:
+    """Through a temporary file and a rename: never a half-written file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp_", suffix=".md")
     with os.fdopen(fd, "w") as f:
-        f.write(old.rstrip("\n") + "\n\n" + text)
-    os.replace(tmp, results)
+        f.write(text)
+    os.replace(tmp, path)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("out", help="the folder gpu_check.sh wrote (parts.tsv, logs)")
-    ap.add_argument("--results", default="benchmarks/RESULTS.md", help="Markdown file to append to")
-    ap.add_argument("--print", action="store_true", help="print the section instead of appending it")
+    ap.add_argument("out", help="the folder gpu_check.sh wrote (parts.tsv, preflight.md, ...)")
+    ap.add_argument("--mode", choices=tuple(TITLES), default="gpu", help="cpu: a rehearsal's report")
+    ap.add_argument("--results", help="append the section to this Markdown file instead")
+    ap.add_argument("--print", action="store_true", help="print the section, write nothing")
     args = ap.parse_args(argv)
     out = Path(args.out)
     if not out.is_dir():
         print(f"error: {out} is not a folder written by benchmarks/gpu_check.sh", file=sys.stderr)
         return 2
-    text = report(out)
+    text = report(out, args.mode)
     if args.print:
         print(text)
+    elif args.results:
+        results = Path(args.results)
+        old = results.read_text() if results.is_file() else "# Recorded results\n"
+        _write(results, old.rstrip("\n") + "\n\n" + text)
+        print(f"appended the GPU check to {results}")
     else:
-        append(Path(args.results), text)
-        print(f"appended the GPU check to {args.results}")
+        _write(out / "report.md", text)
     return 0
 
 
