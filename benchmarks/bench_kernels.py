@@ -313,12 +313,21 @@ def write_atomically(path: str, old: str, text: str) -> None:
         raise
 
 
+def _dist_version(module: str) -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version(module.replace("_", "-"))
+    except metadata.PackageNotFoundError:
+        return "?"
+
+
 def versions() -> str:
     parts = [f"torch {torch.__version__}"]
     for name in ("triton", "liger_kernel", "apex"):
         mod = _optional(name)
         if mod is not None:
-            parts.append(f"{name} {getattr(mod, '__version__', '?')}")
+            parts.append(f"{name} {getattr(mod, '__version__', None) or _dist_version(name)}")
     return ", ".join(parts)
 
 

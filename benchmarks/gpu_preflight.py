@@ -34,6 +34,17 @@ PACKAGES = {
 }
 
 
+def _version(name: str, mod) -> str:
+    """The module's __version__, else its distribution's (Liger-Kernel has no __version__)."""
+    from importlib import metadata
+
+    dist = {"yaml": "PyYAML", "liger_kernel": "liger-kernel"}.get(name, name)
+    try:
+        return getattr(mod, "__version__", None) or metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "?"
+
+
 def versions() -> list[str]:
     lines = [f"- python {platform.python_version()} ({sys.executable})"]
     for name in ("torch", *PACKAGES):
@@ -46,7 +57,7 @@ def versions() -> list[str]:
         extra = ""
         if name == "torch":
             extra = f", CUDA {mod.version.cuda}, {mod.cuda.device_count()} GPU(s)"
-        lines.append(f"- {name} {getattr(mod, '__version__', '?')}{extra}")
+        lines.append(f"- {name} {_version(name, mod)}{extra}")
     return lines
 
 
@@ -66,7 +77,6 @@ def triton_smoke(device: str) -> tuple[bool, str]:
     try:
         import torch
         import triton
-        import triton.language as tl
     except Exception as e:
         return False, f"triton not importable: {type(e).__name__}: {e}"
 

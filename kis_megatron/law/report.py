@@ -275,7 +275,7 @@ def _method(a: Analysis) -> list[str]:
         f"min_drop {o.min_drop:g}, ceiling {o.ceiling if o.ceiling is not None else 'none'}, "
         f"{o.n_boot} bootstrap replicates (seed {o.seed}), {pct} percentile intervals.", "",
         "### The law", "",
-        (f"Every form is fitted jointly: all located curves at once, each curve's collapse point on "
+        ("Every form is fitted jointly: all located curves at once, each curve's collapse point on "
          "the law and its plateau and width its own (`kis_megatron/law/joint.py`); intervals from "
          "refitting the whole problem on bootstrap replicates of the measurements."
          if law.method == "joint" else
