@@ -44,6 +44,13 @@ class TrainingDiverged(KisError):
     """The loss or gradient norm stopped being finite (more often than train.skip_nonfinite_steps)."""
 
 
+def eval_summary(step: int, record: dict) -> str:
+    """The console line of an evaluation: validation loss and retention (metrics.jsonl has all)."""
+    shown = [f"{k} {v:.4g}" for k, v in record.items()
+             if (k == "val_loss" or k.startswith("retention/")) and isinstance(v, (int, float))]
+    return f"eval at step {step}: " + (", ".join(shown) if shown else "no validation set or probes")
+
+
 class Trainer:
     """Built in the order the data flows, each step from its own config sections: the
     processes and the device (``parallel``, ``train``), the run directory (``log``,
@@ -329,6 +336,7 @@ class Trainer:
                 if (cfg.eval.interval and self.step % cfg.eval.interval == 0) or done:
                     last_eval = self.evaluate()
                     log.log(last_eval)
+                    log.message(eval_summary(self.step, last_eval))
                 if (cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0) or \
                         ((done or stopping) and cfg.checkpoint.save_final):
                     self._save()
