@@ -23,7 +23,7 @@ from typing import Optional
 
 from kis_kernels.dispatch import KernelBackendError
 from kis_megatron import plan
-from kis_megatron.config import Config, load_config
+from kis_megatron.config import Config, config_yaml, load_config
 from kis_megatron.errors import KisError, exit_with
 from kis_megatron.parallel.dims import destroy_distributed
 from kis_megatron.training.trainer import Trainer, TrainingDiverged
@@ -44,12 +44,24 @@ def main(argv: Optional[list[str]] = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML config file")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100")
+    parser.add_argument("--help-config", action="store_true",
+                        help="list every config key with its type, default, values and comment; exit")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config (defaults, preset, file, overrides) as YAML; exit")
     plan.add_arguments(parser)
     args = parser.parse_args(argv)
     if args.json and not args.plan:
         parser.error("--json goes with --plan")
+    if args.help_config:
+        from kis_megatron.config_help import help_config
+
+        print(help_config())
+        return 0
     try:
         cfg = load_config(args.config, args.overrides)
+        if args.print_config:
+            print(config_yaml(cfg), end="")
+            return 0
         if args.plan:
             return plan.run(cfg, args)
         train(cfg)
