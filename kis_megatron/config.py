@@ -122,6 +122,12 @@ class InfusionConfig:
 
 
 @dataclass
+class ProfileConfig:
+    start: int = num(0, ">= 0")  # first profiled step, counted from 1; 0 = no profiling
+    steps: int = num(3, ">= 1")  # steps recorded from `start` on (training/profiling.py)
+
+
+@dataclass
 class TrainConfig:
     steps: int = num(1000, ">= 1")
     global_batch: int = num(32, ">= 1")  # sequences per optimizer step, over all data-parallel ranks
@@ -147,6 +153,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile each transformer block (torchtitan's per-block style)
     # activations recomputed in backward: none | selective (the attention core) | full (each block)
     recompute: str = choice("none", ("none", "selective", "full"))
+    profile: ProfileConfig = field(default_factory=ProfileConfig)  # a torch.profiler trace of a few steps
 
 
 @dataclass
@@ -353,6 +360,8 @@ def validate(cfg: Config) -> None:
            f"{cfg.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
     _check(t.global_batch % t.micro_batch == 0, "train.global_batch",
            f"{t.global_batch} must be a multiple of train.micro_batch={t.micro_batch}")
+    _check(t.profile.start <= t.steps, "train.profile.start",
+           f"{t.profile.start} is after the last step (train.steps={t.steps}): nothing would be profiled")
     _check(t.min_lr <= t.lr, "train.min_lr", f"{t.min_lr} must be at most train.lr={t.lr}")
     _validate_infusion(cfg.infusion)
 
@@ -427,7 +436,7 @@ def infusion_value(inf: InfusionConfig) -> Optional[float]:
 RESUMABLE_KEYS = (
     "train.steps",  # longer or shorter: the lr schedule follows the new total from here on
     "train.stop_after", "train.skip_nonfinite_steps", "train.micro_batch",  # same global batch
-    "train.device", "train.dtype", "train.threads", "train.compile", "train.recompute",
+    "train.device", "train.dtype", "train.threads", "train.compile", "train.recompute", "train.profile",
     "parallel.*",  # any layout resumes any checkpoint (full tensors under one naming)
     "checkpoint.*", "log.*",
     "eval.interval", "eval.probe_batch", "eval.exact_match",

@@ -57,16 +57,23 @@ def _default(f: dataclasses.Field):
 
 def config_keys() -> list[dict]:
     """One entry per key: section.key, type, default, allowed (domain or choices), comment."""
+    return [k for section in dataclasses.fields(Config)
+            for k in _keys(section.default_factory().__class__, section.name)]
+
+
+def _keys(cls, prefix: str) -> list[dict]:
+    hints = typing.get_type_hints(cls, vars(config_module))
+    comments = field_comments(cls)
     keys = []
-    for section in dataclasses.fields(Config):
-        cls = section.default_factory().__class__
-        hints = typing.get_type_hints(cls, vars(config_module))
-        comments = field_comments(cls)
-        for f in dataclasses.fields(cls):
-            allowed = f.metadata.get("domain") or (" | ".join(f.metadata["choices"])
-                                                   if "choices" in f.metadata else "")
-            keys.append({"key": f"{section.name}.{f.name}", "type": _type_name(hints.get(f.name, f.type)),
-                         "default": _default(f), "allowed": allowed, "comment": comments.get(f.name, "")})
+    for f in dataclasses.fields(cls):
+        tp = hints.get(f.name, f.type)
+        if dataclasses.is_dataclass(tp):  # a nested section (train.profile): its own keys
+            keys += _keys(tp, f"{prefix}.{f.name}")
+            continue
+        allowed = f.metadata.get("domain") or (" | ".join(f.metadata["choices"])
+                                               if "choices" in f.metadata else "")
+        keys.append({"key": f"{prefix}.{f.name}", "type": _type_name(tp), "default": _default(f),
+                     "allowed": allowed, "comment": comments.get(f.name, "")})
     return keys
 
 

@@ -11,9 +11,15 @@ from kis_megatron.config_help import config_keys, help_config
 from kis_megatron.train import main
 
 
-def leaf_keys() -> list[str]:
-    return [f"{s.name}.{f.name}" for s in dataclasses.fields(Config)
-            for f in dataclasses.fields(s.default_factory().__class__)]
+def leaf_keys(cls=Config, prefix="") -> list[str]:
+    out = []
+    for f in dataclasses.fields(cls):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            out += leaf_keys(type(default), f"{prefix}{f.name}.")
+        else:
+            out.append(f"{prefix}{f.name}")
+    return out
 
 
 def test_every_key_listed_with_its_domain_and_comment():
@@ -24,6 +30,7 @@ def test_every_key_listed_with_its_domain_and_comment():
     assert keys["train.stop_after"]["comment"].startswith("end this job after that step")
     # a comment block above a field describes it
     assert keys["train.skip_nonfinite_steps"]["comment"].startswith("Steps whose loss or gradient norm")
+    assert keys["train.profile.start"]["comment"].startswith("first profiled step")
     assert keys["parallel.pp_layers"]["type"] == "list[int]" and keys["parallel.pp_layers"]["default"] == []
     text = help_config()
     assert all(k in text for k in leaf_keys())

@@ -38,6 +38,7 @@ from kis_megatron.training.checkpoint import (CheckpointError, CheckpointManager
 from kis_megatron.training.device import autocast_context, peak_tflops, resolve_device
 from kis_megatron.training.logger import MetricsLogger
 from kis_megatron.training.optim import build_optimizer, build_scheduler
+from kis_megatron.training.profiling import StepProfiler
 
 
 class TrainingDiverged(KisError):
@@ -323,14 +324,19 @@ class Trainer:
             return {}
         log: Optional[MetricsLogger] = None
         last_eval: dict = {}
+        profiler = StepProfiler(cfg.train.profile, self.run_dir.path, self.dims.rank, self.device)
         try:
             log = self._start_log()
             while self.step < cfg.train.steps:
+                profiler.before_step(self.step + 1)
                 t0 = time.perf_counter()
                 loss, grad_norm, stats, applied = self.train_step()
                 if self.device.type == "cuda":
                     torch.cuda.synchronize()
                 self._log_step(log, loss, grad_norm, stats, applied, time.perf_counter() - t0)
+                wrote = profiler.after_step(self.step, cfg.train.steps)
+                if wrote:
+                    log.message(wrote)
                 done = self.step == cfg.train.steps
                 stopping = self.step == cfg.train.stop_after
                 if (cfg.eval.interval and self.step % cfg.eval.interval == 0) or done:
@@ -362,6 +368,7 @@ class Trainer:
                 raise e from None
             raise
         finally:
+            profiler.close()
             if log is not None:
                 log.close()
             self.close()  # the run directory is let go only after its last write
