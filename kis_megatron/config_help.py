@@ -26,15 +26,15 @@ def field_comments(cls) -> dict[str, str]:
     trailing = {}
     for tok in tokenize.generate_tokens(io.StringIO(source).readline):
         if tok.type == tokenize.COMMENT:
-            trailing[tok.start[0] - 1] = (tok.start[1], tok.string.lstrip("#").strip())
+            trailing[tok.start[0] - 1] = tok.string.lstrip("#").strip()
     out, above = {}, []
     for i, line in enumerate(lines):
         if line.strip().startswith("#"):
-            above.append(trailing[i][1])
+            above.append(trailing[i])
             continue
         m = _FIELD.match(line)
         if m and not line.strip().startswith(("def ", "class ")):
-            parts = above + ([trailing[i][1]] if i in trailing else [])
+            parts = above + ([trailing[i]] if i in trailing else [])
             out[m.group(1)] = " ".join(p for p in parts if p)
         above = []
     return out
@@ -43,8 +43,7 @@ def field_comments(cls) -> dict[str, str]:
 def _type_name(tp) -> str:
     if isinstance(tp, str):
         return tp
-    text = typing._type_repr(tp) if hasattr(typing, "_type_repr") else str(tp)
-    return text.replace("typing.", "").replace("kis_megatron.config.", "")
+    return typing._type_repr(tp).replace("typing.", "").replace("kis_megatron.config.", "")
 
 
 def _default(f: dataclasses.Field):

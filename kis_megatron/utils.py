@@ -77,6 +77,20 @@ def atomic_write(path: str | os.PathLike, write: Callable) -> None:
         raise
 
 
+def atomic_export(path: str | os.PathLike, export: Callable[[str], Any]) -> None:
+    """:func:`atomic_write` for writers that take a file name rather than a file (a
+    profiler's trace, a CUDA memory snapshot): ``export(temporary name)``, then the rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(path)
+    try:
+        export(str(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     atomic_write(path, lambda f: f.write(data))
 

@@ -10,13 +10,13 @@ looks complete."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 from kis_megatron.config import ProfileConfig
+from kis_megatron.utils import atomic_export
 
 
 class StepProfiler:
@@ -44,14 +44,13 @@ class StepProfiler:
             return None
         self._prof.__exit__(None, None, None)
         prof, self._prof = self._prof, None
-        self.dir.mkdir(parents=True, exist_ok=True)
         name = f"rank{self.rank}_steps{self.first}-{step}"
         trace = self.dir / f"trace_{name}.json"
-        _write_atomically(trace, prof.export_chrome_trace)
+        atomic_export(trace, prof.export_chrome_trace)
         written = [trace]
         if self.cuda:
             snapshot = self.dir / f"memory_{name}.pickle"
-            _write_atomically(snapshot, torch.cuda.memory._dump_snapshot)
+            atomic_export(snapshot, torch.cuda.memory._dump_snapshot)
             torch.cuda.memory._record_memory_history(enabled=None)
             written.append(snapshot)
         return "profile: wrote " + ", ".join(str(p) for p in written)
@@ -64,12 +63,3 @@ class StepProfiler:
             if self.cuda:
                 torch.cuda.memory._record_memory_history(enabled=None)
 
-
-def _write_atomically(path: Path, export) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        export(str(tmp))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
